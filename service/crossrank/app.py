@@ -1,0 +1,115 @@
+"""The ASGI application: routes, middleware, and every exception turned into the one error body."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from crossrank import __version__
+from crossrank.engine import OnnxEngine
+from crossrank.errors import ErrorType, ServiceError, error_response, invalid
+from crossrank.lifecycle import EngineFactory, Service
+from crossrank.metrics import Metrics
+from crossrank.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from crossrank.routes import router
+from crossrank.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ENDPOINT_LABELS = {"/rerank": "/rerank", "/v1/rerank": "/v1/rerank", "/v2/rerank": "/v1/rerank"}
+
+REJECT_REASON = {
+    ErrorType.QUEUE_FULL: "queue_full",
+    ErrorType.NOT_READY: "not_ready",
+    ErrorType.SHUTTING_DOWN: "shutting_down",
+    ErrorType.INVALID_REQUEST: "invalid",
+    ErrorType.BODY_TOO_LARGE: "too_large",
+}
+
+HTTP_ERROR_TYPES = {
+    404: ErrorType.NOT_FOUND,
+    405: ErrorType.METHOD_NOT_ALLOWED,
+    413: ErrorType.BODY_TOO_LARGE,
+}
+
+
+def _field(loc: tuple) -> str | None:
+    """('body', 'passages', 3) -> 'passages[3]'."""
+    parts = [p for p in loc if p != "body"]
+    if not parts:
+        return None
+    field = str(parts[0])
+    for part in parts[1:]:
+        field += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return field
+
+
+def validation_error(exc: RequestValidationError) -> ServiceError:
+    first = exc.errors()[0]
+    if first.get("type") == "json_invalid":
+        return invalid(f"the body is not valid JSON: {first.get('msg')}", "body")
+    field = _field(tuple(first.get("loc", ())))
+    if first.get("type") == "missing":
+        return invalid(f"{field} is required", field or "body")
+    return invalid(f"{field}: {first.get('msg')}", field or "body")
+
+
+def create_app(settings: Settings, engine_factory: EngineFactory = OnnxEngine) -> FastAPI:
+    metrics = Metrics()
+    service = Service(settings, metrics, engine_factory)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        yield
+        await service.stop()
+
+    app = FastAPI(
+        title="crossrank",
+        version=__version__,
+        description="Cross-encoder re-ranking with dynamic batching into onnxruntime.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.include_router(router)
+
+    def respond(error: ServiceError) -> Response:
+        reason = REJECT_REASON.get(error.type)
+        if reason is not None:
+            metrics.rejected_requests.labels(reason).inc()
+        return error_response(error, settings.retry_after_s)
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> Response:
+        return respond(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
+        return respond(validation_error(exc))
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> Response:
+        error_type = HTTP_ERROR_TYPES.get(exc.status_code)
+        if error_type is None:
+            error_type = ErrorType.INVALID_REQUEST if exc.status_code < 500 else ErrorType.INTERNAL
+        return respond(ServiceError(error_type, str(exc.detail)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> Response:
+        error_id = uuid.uuid4().hex[:12]
+        log.exception("internal error %s", error_id, exc_info=exc)
+        return respond(
+            ServiceError(ErrorType.INTERNAL, f"internal error (id {error_id})", error_id=error_id)
+        )
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
+    # Added last, so outermost: it times every answer, the body limit's 413s included.
+    app.add_middleware(RequestMetricsMiddleware, endpoints=ENDPOINT_LABELS, metrics=metrics)
+    return app

@@ -1,0 +1,337 @@
+"""The dynamic batcher: admission, one queue of pairs, batches into the engine, results back.
+
+Stages, as in TEI's queue/infer split:
+
+* **admission** (:meth:`Batcher.admit`, in the request's task): a request is refused with 503
+  here, before any work, if its pairs would overflow ``max_queued_pairs`` or the service is
+  draining;
+* **batching** (one task, :meth:`Batcher._loop`, the only writer of the queue's state between
+  awaits): asks :mod:`crossrank.scheduling` which pairs to send and when, and pads the next batch
+  while the current one runs — re-planning it if the queue changes before the engine is free, so
+  a short request that arrives meanwhile is not locked out of it;
+* **inference** (one worker thread; onnxruntime releases the GIL): logits are scattered back into
+  each request's score array, and a request's future resolves when its last pair is scored.
+
+A request whose deadline passes or whose client disconnects is abandoned: its queued pairs are
+dropped before inference and counted. If the engine raises, only the requests in that batch fail;
+a one-pair probe then tells whether the engine itself is broken (``healthy``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from crossrank.collate import PaddedBatch, pad_pairs
+from crossrank.engine import Engine
+from crossrank.errors import ErrorType, ServiceError
+from crossrank.metrics import Metrics
+from crossrank.scheduling import BatchLimits, BatchPlan, RequestView, dispatch_delay, plan_batch
+from crossrank.tokenization import EncodedPair
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Request:
+    key: int
+    admitted_at: float
+    deadline: float
+    pairs: Sequence[EncodedPair]
+    lengths: list[int]
+    pending: list[int]  # positions not yet dispatched, in serving order
+    sorted_desc: bool
+    future: asyncio.Future[np.ndarray]
+    logits: np.ndarray = field(init=False)
+    outstanding: int = field(init=False)  # pairs not yet scored: pending + in flight
+
+    def __post_init__(self) -> None:
+        self.logits = np.empty(len(self.pairs), dtype=np.float32)
+        self.outstanding = len(self.pairs)
+
+    def view(self) -> RequestView:
+        return RequestView(self.key, self.admitted_at, self.pending, self.lengths, self.sorted_desc)
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """A client's handle on its admitted request."""
+
+    _request: _Request
+
+    @property
+    def pairs(self) -> int:
+        return len(self._request.pairs)
+
+
+@dataclass(slots=True)
+class _Prepared:
+    version: int
+    plan: BatchPlan
+    rows: list[tuple[_Request, list[int]]]
+    batch: PaddedBatch
+
+
+class Batcher:
+    def __init__(
+        self,
+        engine: Engine,
+        limits: BatchLimits,
+        *,
+        max_queued_pairs: int,
+        length_sorting: bool,
+        metrics: Metrics,
+        probe: Sequence[EncodedPair],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._engine = engine
+        self._limits = limits
+        self._max_queued = max_queued_pairs
+        self._length_sorting = length_sorting
+        self._metrics = metrics
+        self._probe = pad_pairs(probe)
+        self._clock = clock
+        self._requests: dict[int, _Request] = {}
+        self._keys = itertools.count()
+        self._queued = 0
+        self._version = 0  # bumped on every change of the queue: a prepared batch is stale
+        self._wake = asyncio.Event()
+        self._inflight: asyncio.Task[None] | None = None
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crossrank-engine")
+        self._task: asyncio.Task[None] | None = None
+        self.healthy = True
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    def begin_drain(self) -> None:
+        """Stop admitting; what was admitted is still served."""
+        self._draining = True
+
+    async def close(self) -> None:
+        """Drain: refuse new work, finish what was admitted, then stop."""
+        self.begin_drain()
+        await self._idle.wait()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=True)
+
+    @property
+    def queued_pairs(self) -> int:
+        return self._queued
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def admit(self, pairs: Sequence[EncodedPair], timeout_s: float) -> Ticket:
+        if self._draining:
+            raise ServiceError(ErrorType.SHUTTING_DOWN, "the service is shutting down")
+        if self._queued + len(pairs) > self._max_queued:
+            raise ServiceError(
+                ErrorType.QUEUE_FULL,
+                f"the queue holds {self._queued} pairs; {len(pairs)} more would exceed its "
+                f"bound of {self._max_queued}: retry later",
+            )
+        now = self._clock()
+        lengths = [p.length for p in pairs]
+        order = list(range(len(pairs)))
+        if self._length_sorting:
+            order.sort(key=lambda i: -lengths[i])
+        request = _Request(
+            key=next(self._keys),
+            admitted_at=now,
+            deadline=now + timeout_s,
+            pairs=pairs,
+            lengths=lengths,
+            pending=order,
+            sorted_desc=self._length_sorting,
+            future=asyncio.get_running_loop().create_future(),
+        )
+        self._requests[request.key] = request
+        self._queued += len(pairs)
+        self._changed()
+        return Ticket(request)
+
+    async def wait(self, ticket: Ticket) -> np.ndarray:
+        """The request's logits by pair position; 504 at its deadline, abandoned on cancel."""
+        request = ticket._request
+        try:
+            async with asyncio.timeout(request.deadline - self._clock()):
+                return await asyncio.shield(request.future)
+        except TimeoutError:
+            self.abandon(ticket, "deadline")
+            raise ServiceError(
+                ErrorType.DEADLINE_EXCEEDED, "the request's deadline passed before it was scored"
+            ) from None
+        except asyncio.CancelledError:
+            self.abandon(ticket, "disconnected")
+            raise
+
+    def abandon(self, ticket: Ticket, reason: str) -> None:
+        """Forget a request: its queued pairs are dropped, in-flight results discarded."""
+        request = ticket._request
+        if self._requests.pop(request.key, None) is None:
+            return
+        dropped = len(request.pending)
+        if dropped:
+            self._metrics.dropped_pairs.labels(reason).inc(dropped)
+            self._queued -= dropped
+            request.pending = []
+        if not request.future.done():
+            request.future.cancel()
+        self._changed()
+
+    def _changed(self) -> None:
+        """The queue changed: a prepared batch must be re-planned."""
+        self._version += 1
+        self._notify()
+
+    def _notify(self) -> None:
+        self._metrics.queue_depth.set(self._queued)
+        if self._requests or self._inflight is not None:
+            self._idle.clear()
+        else:
+            self._idle.set()
+        self._wake.set()
+
+    # -- batching ----------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        prepared: _Prepared | None = None
+        while True:
+            self._wake.clear()
+            now = self._clock()
+            if prepared is None or prepared.version != self._version:
+                prepared = self._prepare(now)
+            if self._inflight is not None or prepared is None:
+                # Engine busy (the next batch is ready beside it) or nothing to do.
+                await self._wake.wait()
+                continue
+            delay = dispatch_delay(prepared.plan, now, self._limits.max_wait_s)
+            if delay:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+                continue
+            self._dispatch(prepared, now)
+            prepared = None
+
+    def _prepare(self, now: float) -> _Prepared | None:
+        views = [r.view() for r in self._requests.values() if r.pending]
+        plan = plan_batch(views, now, self._limits)
+        if plan.pairs == 0:
+            return None
+        rows = [(self._requests[key], positions) for key, positions in plan.take.items()]
+        batch = pad_pairs([r.pairs[p] for r, positions in rows for p in positions])
+        return _Prepared(self._version, plan, rows, batch)
+
+    def _dispatch(self, prepared: _Prepared, now: float) -> None:
+        m = self._metrics
+        for request, positions in prepared.rows:
+            taken = set(positions)
+            request.pending = [p for p in request.pending if p not in taken]
+            m.queue_wait.observe(now - request.admitted_at)
+        self._queued -= prepared.plan.pairs
+        batch = prepared.batch
+        m.batch_pairs.observe(batch.pairs)
+        m.batch_padded_tokens.observe(batch.padded_tokens)
+        m.padding_efficiency.observe(batch.real_tokens / batch.padded_tokens)
+        self._inflight = asyncio.get_running_loop().create_task(self._infer(prepared))
+        self._changed()
+
+    # -- inference ---------------------------------------------------------------------------
+
+    async def _run_engine(self, batch: PaddedBatch) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        logits = await loop.run_in_executor(self._executor, self._engine.run, batch)
+        if logits.shape != (batch.pairs,):
+            raise RuntimeError(f"engine returned shape {logits.shape} for {batch.pairs} pairs")
+        return logits
+
+    async def _infer(self, prepared: _Prepared) -> None:
+        m = self._metrics
+        batch = prepared.batch
+        started = self._clock()
+        try:
+            logits = await self._run_engine(batch)
+        except Exception as exc:
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("engine failure %s on a batch of %d pairs", error_id, batch.pairs)
+            m.engine_failures.inc()
+            error = ServiceError(
+                ErrorType.ENGINE_FAILURE,
+                f"the model failed on a batch holding this request (error id {error_id})",
+                error_id=error_id,
+            )
+            self._fail(prepared, error, exc)
+            await self._check_health()
+        else:
+            m.batch_inference.observe(self._clock() - started)
+            m.pairs.inc(batch.pairs)
+            m.tokens.inc(batch.real_tokens)
+            self._set_healthy(True)
+            self._scatter(prepared, logits)
+        finally:
+            # Completion alone leaves the queue as it was: the batch prepared meanwhile stands.
+            self._inflight = None
+            self._notify()
+
+    def _scatter(self, prepared: _Prepared, logits: np.ndarray) -> None:
+        row = 0
+        for request, positions in prepared.rows:
+            n = len(positions)
+            request.logits[positions] = logits[row : row + n]
+            row += n
+            request.outstanding -= n
+            if request.outstanding == 0 and not request.future.done():
+                self._requests.pop(request.key, None)
+                request.future.set_result(request.logits)
+
+    def _fail(self, prepared: _Prepared, error: ServiceError, cause: Exception) -> None:
+        for request, _ in prepared.rows:
+            if self._requests.pop(request.key, None) is None:
+                continue
+            dropped = len(request.pending)
+            if dropped:
+                self._metrics.dropped_pairs.labels("failed").inc(dropped)
+                self._queued -= dropped
+                request.pending = []
+            if not request.future.done():
+                error.__cause__ = cause
+                request.future.set_exception(error)
+        self._version += 1
+
+    async def _check_health(self) -> None:
+        """After a failed batch: does the engine still score a known-good pair?"""
+        try:
+            await self._run_engine(self._probe)
+        except Exception:
+            log.exception("engine probe failed: marking the engine unhealthy")
+            self._set_healthy(False)
+        else:
+            self._set_healthy(True)
+
+    def _set_healthy(self, healthy: bool) -> None:
+        self.healthy = healthy
+        self._metrics.engine_healthy.set(1 if healthy else 0)
+
+    async def warm_up(self, batches: Sequence[PaddedBatch]) -> None:
+        """Run each batch once (before the service reports ready); raises if the engine does."""
+        for batch in batches:
+            await self._run_engine(batch)
+        self._set_healthy(True)

@@ -1,0 +1,155 @@
+"""The service's parts and their life: load, warm up, serve, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from crossrank.batcher import Batcher
+from crossrank.collate import PaddedBatch, pad_pairs
+from crossrank.engine import Engine, OnnxEngine, SessionPlan, plan_session
+from crossrank.errors import ErrorType, ServiceError
+from crossrank.metrics import Metrics
+from crossrank.model_dir import ModelDir, load_model_dir
+from crossrank.reranker import Reranker
+from crossrank.scheduling import BatchLimits
+from crossrank.settings import Settings
+from crossrank.tokenization import EncodedPair, PairTokenizer
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[Path, SessionPlan], Engine]
+
+
+def warmup_batches(
+    probe: EncodedPair, max_length: int, max_batch_tokens: int, max_batch_pairs: int
+) -> list[PaddedBatch]:
+    """One full batch per power-of-two length bucket up to max_length, so every kernel shape
+    class and the largest buffers are met before the first user request."""
+    lengths = []
+    length = 16
+    while length < max_length:
+        lengths.append(length)
+        length *= 2
+    lengths.append(max_length)
+    batches = []
+    for length in lengths:
+        pairs = max(1, min(max_batch_pairs, max_batch_tokens // length))
+        ids = np.resize(probe.input_ids, length)
+        types = np.resize(probe.token_type_ids, length)
+        batches.append(pad_pairs([EncodedPair(ids, types)] * pairs))
+    return batches
+
+
+class Service:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, engine_factory: EngineFactory = OnnxEngine
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._engine_factory = engine_factory
+        self.model: ModelDir | None = None
+        self.reranker: Reranker | None = None
+        self.batcher: Batcher | None = None
+        self.ready = False
+        self.draining = False
+        self._warmup: asyncio.Task[None] | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.model.metadata.name if self.model else ""
+
+    async def start(self) -> None:
+        """Load the model (errors here stop the server), then warm up in the background."""
+        s = self.settings
+        model = load_model_dir(s.model)
+        plan = plan_session(
+            s.device,
+            ort.get_available_providers(),
+            threads=s.threads,
+            cuda_device_id=s.cuda_device_id,
+            cuda_mem_limit_mb=s.cuda_mem_limit_mb,
+        )
+        variant = model.choose_variant(s.variant, plan.device)
+        engine = await asyncio.to_thread(self._engine_factory, model.variant_path(variant), plan)
+        meta = model.metadata
+        tokenizer = PairTokenizer(model.tokenizer_path, meta.max_query_tokens, meta.max_length)
+        probe = tokenizer.encode("warm up", ["the engine answers"]).pairs
+        self.batcher = Batcher(
+            engine,
+            BatchLimits(
+                max_batch_tokens=s.max_batch_tokens,
+                max_batch_pairs=s.max_batch_pairs,
+                max_wait_s=s.max_wait_ms / 1000,
+                aging_s=s.aging_s,
+            ),
+            max_queued_pairs=s.max_queued_pairs,
+            length_sorting=s.length_sorting,
+            metrics=self.metrics,
+            probe=probe,
+        )
+        self.batcher.start()
+        self.reranker = Reranker(
+            tokenizer,
+            self.batcher,
+            meta.activation,
+            self.metrics,
+            max_passages=s.max_passages,
+            default_timeout_ms=s.default_timeout_ms,
+        )
+        self.model = model
+        self.metrics.model.info(
+            {"name": meta.name, "variant": variant, "provider": engine.provider}
+        )
+        log.info("model %s (%s) loaded from %s", meta.name, variant, model.path)
+        batches = warmup_batches(probe[0], meta.max_length, s.max_batch_tokens, s.max_batch_pairs)
+        self._warmup = asyncio.get_running_loop().create_task(self._warm_up(batches))
+
+    async def _warm_up(self, batches: list[PaddedBatch]) -> None:
+        assert self.batcher is not None
+        try:
+            await self.batcher.warm_up(batches)
+        except Exception:
+            log.exception("warm-up failed: the service stays not ready")
+            self.batcher.healthy = False
+            self.metrics.engine_healthy.set(0)
+            return
+        self.ready = True
+        log.info("warm-up done over %d length buckets: ready", len(batches))
+
+    def begin_drain(self) -> None:
+        """SIGTERM: refuse new requests from now on; admitted ones are still answered."""
+        self.draining = True
+        if self.batcher is not None:
+            self.batcher.begin_drain()
+
+    async def stop(self) -> None:
+        self.begin_drain()
+        if self._warmup is not None:
+            self._warmup.cancel()
+        if self.batcher is not None:
+            await self.batcher.close()
+        if self.reranker is not None:
+            self.reranker.close()
+
+    def readiness(self) -> str | None:
+        """Why the service is not ready, or None when it is."""
+        if self.draining:
+            return "shutting down"
+        if not self.ready:
+            return "warming up" if self._warmup and not self._warmup.done() else "warm-up failed"
+        if self.batcher is not None and not self.batcher.healthy:
+            return "engine failing"
+        return None
+
+    def require_ready(self) -> Reranker:
+        if self.draining:
+            raise ServiceError(ErrorType.SHUTTING_DOWN, "the service is shutting down")
+        if not self.ready or self.reranker is None:
+            raise ServiceError(ErrorType.NOT_READY, "the model is still warming up: retry later")
+        return self.reranker

@@ -1,0 +1,80 @@
+"""ASGI middleware: the request-body size limit and the request-duration metric."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from crossrank.errors import ErrorType, ServiceError, error_response
+from crossrank.metrics import Metrics
+
+
+class BodyLimitMiddleware:
+    """413 for a body over ``max_bytes``: at once from Content-Length, else while it streams."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+
+    def _error(self) -> ServiceError:
+        return ServiceError(
+            ErrorType.BODY_TOO_LARGE,
+            f"the request body exceeds this server's limit of {self.max_bytes} bytes",
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            self.metrics.rejected_requests.labels("too_large").inc()
+            await error_response(self._error(), retry_after_s=0)(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    # An HTTPException passes through FastAPI's body parsing unchanged, and the
+                    # app's handler turns it into the body_too_large error.
+                    raise HTTPException(413, self._error().message)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class RequestMetricsMiddleware:
+    """``crossrank_request_duration_seconds{endpoint, status}`` for the rerank endpoints."""
+
+    def __init__(self, app: ASGIApp, endpoints: dict[str, str], metrics: Metrics) -> None:
+        self.app = app
+        self.endpoints = endpoints  # path -> endpoint label
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = self.endpoints.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if endpoint is None:
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = "500"
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = str(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            self.metrics.request_duration.labels(endpoint, status).observe(
+                time.monotonic() - started
+            )

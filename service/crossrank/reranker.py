@@ -1,0 +1,102 @@
+"""Scoring one (query, passages) request: tokenise off the loop, batch, rank."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from crossrank.batcher import Batcher
+from crossrank.errors import ErrorType, ServiceError, invalid
+from crossrank.metrics import Metrics
+from crossrank.model_dir import Activation
+from crossrank.tokenization import PairTokenizer, PassageTooLongError, QueryTooLongError
+
+
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    order: np.ndarray  # passage indices, best first
+    scores: np.ndarray  # score of each passage, by index
+    pairs: int
+    tokens: int
+    truncated: int
+
+
+def rank(logits: np.ndarray) -> np.ndarray:
+    """Indices by logit descending, ties by index ascending (a stable, reproducible order)."""
+    return np.lexsort((np.arange(logits.shape[0]), -logits))
+
+
+class Reranker:
+    def __init__(
+        self,
+        tokenizer: PairTokenizer,
+        batcher: Batcher,
+        activation: Activation,
+        metrics: Metrics,
+        *,
+        max_passages: int,
+        default_timeout_ms: int,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._batcher = batcher
+        self._activation = activation
+        self._metrics = metrics
+        self._max_passages = max_passages
+        self._default_timeout_ms = default_timeout_ms
+        # Tokenisation runs beside inference: its own thread, so it never queues behind a batch.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crossrank-tokenize")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    async def score(
+        self,
+        query: str,
+        passages: list[str],
+        *,
+        raw_scores: bool,
+        truncate: bool,
+        timeout_ms: int | None,
+        passages_field: str,
+    ) -> Ranked:
+        arrived = time.monotonic()
+        if len(passages) > self._max_passages:
+            raise invalid(
+                f"{len(passages)} passages sent; this server takes at most {self._max_passages}",
+                passages_field,
+            )
+        started = time.monotonic()
+        try:
+            encoded = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self._tokenizer.encode, query, passages, truncate
+            )
+        except QueryTooLongError as exc:
+            raise invalid(str(exc).replace("the query", "query"), "query") from None
+        except PassageTooLongError as exc:
+            message = str(exc).replace("passages[", f"{passages_field}[")
+            raise invalid(message, f"{passages_field}[{exc.index}]") from None
+        self._metrics.tokenization.observe(time.monotonic() - started)
+
+        timeout_s = (timeout_ms or self._default_timeout_ms) / 1000
+        remaining = timeout_s - (time.monotonic() - arrived)
+        if remaining <= 0:
+            raise ServiceError(
+                ErrorType.DEADLINE_EXCEEDED, "the request's deadline passed during tokenisation"
+            )
+        ticket = self._batcher.admit(encoded.pairs, remaining)
+        self._metrics.inflight_requests.inc()
+        try:
+            logits = await self._batcher.wait(ticket)
+        finally:
+            self._metrics.inflight_requests.dec()
+        if raw_scores or self._activation is Activation.IDENTITY:
+            scores = logits
+        else:
+            # The tanh form of the sigmoid cannot overflow.
+            scores = 0.5 * (1.0 + np.tanh(0.5 * logits.astype(np.float64)))
+        # Rank by logit: the sigmoid saturates to equal scores for large, different logits.
+        return Ranked(rank(logits), scores, len(passages), encoded.tokens, encoded.truncated)

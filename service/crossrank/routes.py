@@ -1,0 +1,152 @@
+"""HTTP routes: parse, call the reranker, shape the answer. Nothing else lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from fastapi import APIRouter, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response
+
+from crossrank.lifecycle import Service
+from crossrank.responses import JSONResponse
+from crossrank.schemas import CohereRerankRequest, CohereResponse, RerankRequest, RerankResponse
+
+T = TypeVar("T")
+
+# nginx's code for "client closed request": logged and counted, never seen by the client.
+CLIENT_CLOSED = 499
+
+router = APIRouter()
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
+    """Run ``work``; if the client goes away first, cancel it (its queued pairs are dropped)
+    and return None. The body has been read, so the next ASGI message is the disconnect."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return None
+    return task.result()
+
+
+@router.post(
+    "/rerank",
+    response_model=RerankResponse,
+    summary="Score passages against a query and return them best first.",
+)
+async def rerank(body: RerankRequest, request: Request) -> Response:
+    service = _service(request)
+    ranked = await _until_disconnect(
+        request,
+        service.require_ready().score(
+            body.query,
+            body.passages,
+            raw_scores=body.raw_scores,
+            truncate=body.truncate,
+            timeout_ms=body.timeout_ms,
+            passages_field="passages",
+        ),
+    )
+    if ranked is None:
+        return Response(status_code=CLIENT_CLOSED)
+    order = ranked.order[: body.top_k] if body.top_k else ranked.order
+    scores = ranked.scores
+    results = []
+    for index in order.tolist():
+        result = {"index": index, "score": float(scores[index])}
+        if body.return_passages:
+            result["passage"] = body.passages[index]
+        results.append(result)
+    return JSONResponse(
+        {
+            "results": results,
+            "model": service.model_name,
+            "usage": {
+                "pairs": ranked.pairs,
+                "tokens": ranked.tokens,
+                "truncated": ranked.truncated,
+            },
+        }
+    )
+
+
+@router.post(
+    "/v1/rerank",
+    response_model=CohereResponse,
+    summary="Cohere/Jina-compatible rerank (also at /v2/rerank).",
+)
+@router.post("/v2/rerank", response_model=CohereResponse, include_in_schema=False)
+async def cohere_rerank(body: CohereRerankRequest, request: Request) -> Response:
+    service = _service(request)
+    texts = [d if isinstance(d, str) else d.text for d in body.documents]
+    ranked = await _until_disconnect(
+        request,
+        service.require_ready().score(
+            body.query,
+            texts,
+            raw_scores=False,
+            truncate=True,
+            timeout_ms=None,
+            passages_field="documents",
+        ),
+    )
+    if ranked is None:
+        return Response(status_code=CLIENT_CLOSED)
+    order = ranked.order[: body.top_n] if body.top_n else ranked.order
+    results = []
+    for index in order.tolist():
+        result = {"index": index, "relevance_score": float(ranked.scores[index])}
+        if body.return_documents:
+            result["document"] = {"text": texts[index]}
+        results.append(result)
+    return JSONResponse(
+        {
+            "id": str(uuid.uuid4()),
+            "results": results,
+            "meta": {
+                "api_version": {"version": "2"},
+                "billed_units": {"search_units": 1},
+                "tokens": {"input_tokens": ranked.tokens, "output_tokens": 0},
+            },
+            "model": service.model_name,
+            "usage": {"total_tokens": ranked.tokens},
+        }
+    )
+
+
+@router.get("/health", summary="The process is alive.")
+async def health() -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/ready", summary="200 once the model is loaded, warm and working.")
+async def ready(request: Request) -> Response:
+    reason = _service(request).readiness()
+    if reason is None:
+        return JSONResponse({"status": "ready"})
+    return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+
+
+@router.get("/metrics", summary="Prometheus metrics.")
+async def metrics(request: Request) -> Response:
+    registry = _service(request).metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,134 @@
+"""The batching decisions, as pure functions of a snapshot of the queue (no I/O, no clock reads).
+
+Two questions are answered here, and only here:
+
+* :func:`plan_batch` — which queued pairs form the next batch. Requests are ranked by their
+  remaining work, discounted by age (shortest-remaining-first with aging): a 10-passage request
+  that arrives behind a 1,000-passage one is served in the next batch instead of after all 1,000
+  pairs, and an old request's rank improves until nothing can starve it. The best-ranked request
+  (the *head*) contributes its pairs in its serving order (longest first when length sorting is
+  on), which fixes the batch's padded length; the remaining room goes to the other requests in
+  rank order, taking only pairs no longer than that padded length, longest first, so padding stays
+  small. The budget counts padding: ``padded_length * pairs <= max_batch_tokens``.
+* :func:`dispatch_delay` — send the planned batch now, or wait how long for it to fill.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    max_batch_tokens: int
+    max_batch_pairs: int
+    max_wait_s: float
+    aging_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    """What the planner sees of one queued request."""
+
+    key: int  # unique, increasing with admission order (the tie-breaker)
+    admitted_at: float  # monotonic seconds
+    pending: Sequence[int]  # positions of its queued pairs, in serving order
+    lengths: Sequence[int]  # token length of every pair of the request, by position
+    # True when `pending` is sorted by length, longest first, which lets fillers be found by
+    # bisection instead of a scan.
+    sorted_desc: bool
+
+
+@dataclass(slots=True)
+class BatchPlan:
+    take: dict[int, list[int]] = field(default_factory=dict)  # request key -> positions
+    pairs: int = 0
+    padded_length: int = 0
+    real_tokens: int = 0
+    full: bool = False  # stopped for lack of room, not for lack of pairs
+    oldest_admitted_at: float = float("inf")
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.padded_length * self.pairs
+
+
+def rank_key(view: RequestView, now: float, aging_s: float) -> tuple[float, int]:
+    """Smaller is served sooner: remaining pairs, discounted by age."""
+    age = max(0.0, now - view.admitted_at)
+    return (len(view.pending) / (1.0 + age / aging_s), view.key)
+
+
+def _fits(plan: BatchPlan, length: int, limits: BatchLimits) -> bool:
+    if plan.pairs >= limits.max_batch_pairs:
+        return False
+    padded = max(plan.padded_length, length)
+    return padded * (plan.pairs + 1) <= limits.max_batch_tokens
+
+
+def _add(plan: BatchPlan, view: RequestView, position: int) -> None:
+    length = view.lengths[position]
+    plan.take.setdefault(view.key, []).append(position)
+    plan.pairs += 1
+    plan.padded_length = max(plan.padded_length, length)
+    plan.real_tokens += length
+    plan.oldest_admitted_at = min(plan.oldest_admitted_at, view.admitted_at)
+
+
+def _take_head(plan: BatchPlan, head: RequestView, limits: BatchLimits) -> None:
+    for position in head.pending:
+        # A pair longer than the whole budget still runs, alone: it must not wait forever.
+        if plan.pairs and not _fits(plan, head.lengths[position], limits):
+            plan.full = True
+            return
+        _add(plan, head, position)
+
+
+def _take_filler(plan: BatchPlan, view: RequestView, limits: BatchLimits) -> None:
+    if view.sorted_desc:
+        # pending is longest-first; skip the pairs longer than the padded length.
+        negated = [-view.lengths[p] for p in view.pending]
+        start = bisect.bisect_left(negated, -plan.padded_length)
+        candidates = view.pending[start:]
+    else:
+        candidates = view.pending
+    for position in candidates:
+        if not _fits(plan, view.lengths[position], limits):
+            if view.sorted_desc or plan.pairs >= limits.max_batch_pairs:
+                plan.full = True
+                return
+            continue
+        _add(plan, view, position)
+
+
+def plan_batch(requests: Sequence[RequestView], now: float, limits: BatchLimits) -> BatchPlan:
+    """Choose the next batch from the queued requests (see the module docstring)."""
+    plan = BatchPlan()
+    live = [r for r in requests if r.pending]
+    if not live:
+        return plan
+    ranked = sorted(live, key=lambda r: rank_key(r, now, limits.aging_s))
+    _take_head(plan, ranked[0], limits)
+    for view in ranked[1:]:
+        if plan.full:
+            break
+        _take_filler(plan, view, limits)
+    # Full also when not even one more pair of the padded length would fit.
+    if plan.pairs >= limits.max_batch_pairs or not _fits(plan, 0, limits):
+        plan.full = True
+    return plan
+
+
+def dispatch_delay(plan: BatchPlan, now: float, max_wait_s: float) -> float | None:
+    """Seconds to wait before sending ``plan``: 0 = now, ``None`` = nothing to send.
+
+    A full batch goes at once; otherwise it may wait for more pairs, but never longer than
+    ``max_wait_s`` after its oldest pair was admitted.
+    """
+    if plan.pairs == 0:
+        return None
+    if plan.full:
+        return 0.0
+    return max(0.0, plan.oldest_admitted_at + max_wait_s - now)

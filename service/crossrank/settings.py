@@ -1,0 +1,58 @@
+"""Service settings: CLI flags, else ``CROSSRANK_*`` environment variables, else these defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CROSSRANK_", extra="ignore")
+
+    model: Path = Field(description="Model directory (see crossrank.model_dir).")
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+    # Engine.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    variant: str = Field(default="auto", description="ONNX variant: auto, fp32, int8, fp16, ...")
+    threads: int = Field(default=0, ge=0, description="Intra-op threads on CPU; 0 = all cores.")
+    cuda_device_id: int = Field(default=0, ge=0)
+    cuda_mem_limit_mb: int = Field(
+        default=0, ge=0, description="Cap on the CUDA arena in MiB; 0 = no cap."
+    )
+
+    # Request limits.
+    max_passages: int = Field(default=1000, ge=1)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    default_timeout_ms: int = Field(
+        default=60_000, ge=1, description="Deadline of a request that sends no timeout_ms."
+    )
+
+    # Batcher. CPU defaults: a CPU gains little from batches beyond a few thousand tokens, and
+    # small batches keep a short request from waiting behind a long one (see README).
+    max_batch_tokens: int = Field(default=4096, ge=16, description="Padded tokens per batch.")
+    max_batch_pairs: int = Field(default=128, ge=1)
+    max_wait_ms: float = Field(default=2.0, ge=0)
+    max_queued_pairs: int = Field(default=4000, ge=1)
+    length_sorting: bool = Field(
+        default=True, description="Sort each request's pairs by length before batching."
+    )
+    aging_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="A request's remaining work counts 1/(1 + age/aging_s): old ones can't starve.",
+    )
+    retry_after_s: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.max_passages > self.max_queued_pairs:
+            raise ValueError(
+                f"max_passages ({self.max_passages}) must not exceed max_queued_pairs "
+                f"({self.max_queued_pairs}): such a request could never be admitted"
+            )
+        return self

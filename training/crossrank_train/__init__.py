@@ -1,0 +1,1 @@
+"""crossrank training: fine-tune, evaluate and export cross-encoders into crossrank model dirs."""
