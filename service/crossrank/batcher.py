@@ -278,8 +278,9 @@ class Batcher:
                 f"the model failed on a batch holding this request (error id {error_id})",
                 error_id=error_id,
             )
-            self._fail(prepared, error, exc)
+            # Probe first, so that a client told of the failure sees /ready already right.
             await self._check_health()
+            self._fail(prepared, error, exc)
         else:
             m.batch_inference.observe(self._clock() - started)
             m.pairs.inc(batch.pairs)

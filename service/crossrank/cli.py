@@ -8,8 +8,10 @@ import sys
 import typing
 from pathlib import Path
 
+import onnxruntime as ort
 from pydantic import ValidationError
 
+from crossrank.engine import EngineConfigError, plan_session
 from crossrank.model_dir import ModelDirError, load_model_dir
 from crossrank.settings import Settings
 
@@ -50,19 +52,16 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
         print(f"crossrank serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    # Fail before uvicorn starts, with the reason, rather than as an aborted app start-up.
     try:
         load_model_dir(settings.model)
-    except ModelDirError as exc:
+        plan_session(settings.device, ort.get_available_providers())
+    except (ModelDirError, EngineConfigError) as exc:
         print(f"crossrank serve: {exc}", file=sys.stderr)
         return 2
-    from crossrank.engine import EngineConfigError
     from crossrank.server import serve
 
-    try:
-        serve(settings)
-    except EngineConfigError as exc:
-        print(f"crossrank serve: {exc}", file=sys.stderr)
-        return 2
+    serve(settings)
     return 0
 
 

@@ -1,0 +1,302 @@
+"""The dynamic batcher against a scripted engine: no model, deterministic."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from crossrank.batcher import Batcher
+from crossrank.collate import PaddedBatch
+from crossrank.errors import ErrorType, ServiceError
+from crossrank.metrics import Metrics
+from crossrank.scheduling import BatchLimits
+from crossrank.tokenization import EncodedPair
+
+POISON = 666
+
+
+class ScriptedEngine:
+    """Logit of a pair = a function of its own tokens only, so batching cannot change it."""
+
+    provider = "test"
+    uses_token_type_ids = True
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.batches: list[PaddedBatch] = []
+        self.broken = False
+
+    def run(self, batch: PaddedBatch) -> np.ndarray:
+        assert self.gate.wait(10)
+        if self.broken or (batch.input_ids == POISON).any():
+            raise RuntimeError("scripted fault")
+        self.batches.append(batch)
+        ids = batch.input_ids * batch.attention_mask
+        return (ids.sum(axis=1) / 1000.0 + batch.attention_mask.sum(axis=1)).astype(np.float32)
+
+
+def pair(length: int, token: int = 7) -> EncodedPair:
+    ids = np.full(length, token, dtype=np.int64)
+    return EncodedPair(ids, np.zeros(length, dtype=np.int64))
+
+
+def expected(p: EncodedPair) -> float:
+    return float(p.input_ids.sum() / 1000.0 + p.length)
+
+
+def make(engine: ScriptedEngine, metrics: Metrics | None = None, **kw) -> Batcher:
+    limits = BatchLimits(
+        max_batch_tokens=kw.pop("max_batch_tokens", 400),
+        max_batch_pairs=kw.pop("max_batch_pairs", 16),
+        max_wait_s=kw.pop("max_wait_s", 0.0),
+        aging_s=2.0,
+    )
+    return Batcher(
+        engine,
+        limits,
+        max_queued_pairs=kw.pop("max_queued_pairs", 5000),
+        length_sorting=kw.pop("length_sorting", True),
+        metrics=metrics or Metrics(),
+        probe=[pair(4)],
+    )
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+async def started(engine: ScriptedEngine) -> None:
+    """Wait until the engine's worker thread exists and has had time to block on the gate."""
+    while not any(t.name.startswith("crossrank-engine") for t in threading.enumerate()):
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.02)
+
+
+def test_every_pair_scored_and_returned_by_position() -> None:
+    async def main() -> None:
+        engine = ScriptedEngine()
+        batcher = make(engine)
+        batcher.start()
+        pairs = [pair(n, token=n) for n in (5, 40, 12, 33, 3, 90, 17)]
+        logits = await batcher.wait(batcher.admit(pairs, 5.0))
+        assert logits.tolist() == pytest.approx([expected(p) for p in pairs])
+        await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_batches_respect_the_padded_token_budget_and_sort_by_length() -> None:
+    async def main() -> None:
+        engine = ScriptedEngine()
+        metrics = Metrics()
+        batcher = make(engine, metrics, max_batch_tokens=400, max_batch_pairs=16)
+        batcher.start()
+        rng = np.random.default_rng(0)
+        lengths = rng.integers(5, 120, size=200).tolist()
+        await batcher.wait(batcher.admit([pair(n) for n in lengths], 5.0))
+        await batcher.close()
+        assert sum(b.pairs for b in engine.batches) == 200
+        for b in engine.batches:
+            assert b.padded_tokens <= 400 and b.pairs <= 16
+        real = sum(b.real_tokens for b in engine.batches)
+        padded = sum(b.padded_tokens for b in engine.batches)
+        assert real == sum(lengths)
+        # Longest-first batching leaves little padding on a spread of lengths.
+        assert real / padded > 0.9
+        assert sample(metrics, "crossrank_tokens_total") == real
+        assert sample(metrics, "crossrank_pairs_total") == 200
+        assert sample(metrics, "crossrank_batch_padded_tokens_sum") == padded
+        assert sample(metrics, "crossrank_batch_pairs_count") == len(engine.batches)
+
+    asyncio.run(main())
+
+
+def test_length_sorting_off_keeps_arrival_order() -> None:
+    async def main() -> None:
+        engine = ScriptedEngine()
+        batcher = make(engine, length_sorting=False, max_batch_pairs=2, max_batch_tokens=10_000)
+        batcher.start()
+        await batcher.wait(batcher.admit([pair(n, token=n) for n in (3, 50, 4, 60)], 5.0))
+        await batcher.close()
+        firsts = [int(b.input_ids[0, 0]) for b in engine.batches]
+        assert firsts == [3, 4]
+
+    asyncio.run(main())
+
+
+def test_small_request_is_not_stuck_behind_a_large_one() -> None:
+    async def main() -> None:
+        engine = ScriptedEngine()
+        batcher = make(engine, max_batch_tokens=400, max_batch_pairs=8)
+        batcher.start()
+        engine.gate.clear()
+        big = batcher.admit([pair(40, token=1) for _ in range(1000)], 30.0)
+        big_task = asyncio.ensure_future(batcher.wait(big))
+        await started(engine)  # the first big batch is running; the next one is prepared
+        small = batcher.admit([pair(40, token=2) for _ in range(10)], 30.0)
+        small_task = asyncio.ensure_future(batcher.wait(small))
+        engine.gate.set()
+        await small_task
+        batches_until_small = len(engine.batches)
+        await big_task
+        await batcher.close()
+        # The running batch, then the small request's own 10 pairs (2 batches of 8): it is
+        # served after 3 batches, not after the big request's 125.
+        assert batches_until_small <= 3
+        assert len(engine.batches) == 1010 // 8 + 1
+
+    asyncio.run(main())
+
+
+def test_full_queue_refuses_at_admission_before_any_work() -> None:
+    async def main() -> None:
+        engine = ScriptedEngine()
+        metrics = Metrics()
+        batcher = make(engine, metrics, max_queued_pairs=50)
+        batcher.start()
+        engine.gate.clear()
+        first = batcher.admit([pair(10) for _ in range(40)], 5.0)
+        with pytest.raises(ServiceError) as refused:
+            batcher.admit([pair(10) for _ in range(20)], 5.0)
+        assert refused.value.type is ErrorType.QUEUE_FULL
+        assert batcher.queued_pairs == 40
+        engine.gate.set()
+        await batcher.wait(first)
+        await batcher.close()
+        assert sum(b.pairs for b in engine.batches) == 40
+
+    asyncio.run(main())
+
+
+def test_deadline_drops_queued_pairs_before_inference() -> None:
+    async def main() -> None:
+        engine = ScriptedEngine()
+        metrics = Metrics()
+        batcher = make(engine, metrics, max_batch_pairs=4)
+        batcher.start()
+        engine.gate.clear()
+        ticket = batcher.admit([pair(10, token=3) for _ in range(20)], 0.05)
+        with pytest.raises(ServiceError) as late:
+            await batcher.wait(ticket)
+        assert late.value.type is ErrorType.DEADLINE_EXCEEDED
+        engine.gate.set()
+        other = batcher.admit([pair(10, token=4)], 5.0)
+        await batcher.wait(other)
+        await batcher.close()
+        scored = sum(int((b.input_ids[:, 0] == 3).sum()) for b in engine.batches)
+        dropped = sample(metrics, "crossrank_dropped_pairs_total", reason="deadline")
+        # At most the batch already in the engine (and none prepared after it) was scored.
+        assert scored <= 4
+        assert dropped == 20 - scored
+        assert sample(metrics, "crossrank_queue_depth_pairs") == 0
+
+    asyncio.run(main())
+
+
+def test_cancelled_waiter_drops_its_pairs() -> None:
+    async def main() -> None:
+        engine = ScriptedEngine()
+        metrics = Metrics()
+        batcher = make(engine, metrics, max_batch_pairs=4)
+        batcher.start()
+        engine.gate.clear()
+        ticket = batcher.admit([pair(10) for _ in range(12)], 5.0)
+        waiter = asyncio.ensure_future(batcher.wait(ticket))
+        await started(engine)
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        engine.gate.set()
+        await batcher.close()
+        assert sample(metrics, "crossrank_dropped_pairs_total", reason="disconnected") == 8
+        assert sum(b.pairs for b in engine.batches) == 4
+
+    asyncio.run(main())
+
+
+def test_engine_fault_fails_only_that_batch() -> None:
+    async def main() -> None:
+        engine = ScriptedEngine()
+        metrics = Metrics()
+        batcher = make(engine, metrics, max_batch_pairs=4, max_batch_tokens=10_000)
+        batcher.start()
+        engine.gate.clear()
+        good = batcher.admit([pair(10, token=1) for _ in range(4)], 5.0)
+        good_task = asyncio.ensure_future(batcher.wait(good))
+        await started(engine)
+        bad = batcher.admit([pair(10, token=POISON) for _ in range(6)], 5.0)
+        bad_task = asyncio.ensure_future(batcher.wait(bad))
+        engine.gate.set()
+        assert len(await good_task) == 4
+        with pytest.raises(ServiceError) as failed:
+            await bad_task
+        assert failed.value.type is ErrorType.ENGINE_FAILURE
+        assert failed.value.error_id
+        # The engine still works (the probe passed), and the batcher still serves.
+        assert batcher.healthy
+        after = await batcher.wait(batcher.admit([pair(8, token=2)], 5.0))
+        assert after.tolist() == pytest.approx([expected(pair(8, token=2))])
+        assert sample(metrics, "crossrank_engine_failures_total") == 1
+        assert sample(metrics, "crossrank_dropped_pairs_total", reason="failed") == 2
+        await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_broken_engine_is_reported_unhealthy_then_recovers() -> None:
+    async def main() -> None:
+        engine = ScriptedEngine()
+        metrics = Metrics()
+        batcher = make(engine, metrics)
+        batcher.start()
+        engine.broken = True
+        with pytest.raises(ServiceError):
+            await batcher.wait(batcher.admit([pair(5)], 5.0))
+        assert not batcher.healthy
+        assert sample(metrics, "crossrank_engine_healthy") == 0
+        engine.broken = False
+        await batcher.wait(batcher.admit([pair(5)], 5.0))
+        assert batcher.healthy
+        await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_drain_refuses_new_work_and_finishes_admitted() -> None:
+    async def main() -> None:
+        engine = ScriptedEngine()
+        batcher = make(engine, max_batch_pairs=2)
+        batcher.start()
+        engine.gate.clear()
+        ticket = batcher.admit([pair(5) for _ in range(6)], 5.0)
+        waiter = asyncio.ensure_future(batcher.wait(ticket))
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.01)
+        with pytest.raises(ServiceError) as refused:
+            batcher.admit([pair(5)], 5.0)
+        assert refused.value.type is ErrorType.SHUTTING_DOWN
+        assert not closing.done()
+        engine.gate.set()
+        assert len(await waiter) == 6
+        await closing
+
+    asyncio.run(main())
+
+
+def test_max_wait_merges_requests_arriving_close_together() -> None:
+    async def main() -> None:
+        engine = ScriptedEngine()
+        batcher = make(engine, max_wait_s=0.2, max_batch_pairs=16, max_batch_tokens=10_000)
+        batcher.start()
+        a = batcher.admit([pair(5, token=1) for _ in range(3)], 5.0)
+        await asyncio.sleep(0.01)
+        b = batcher.admit([pair(5, token=2) for _ in range(3)], 5.0)
+        await asyncio.gather(batcher.wait(a), batcher.wait(b))
+        await batcher.close()
+        assert [x.pairs for x in engine.batches] == [6]
+
+    asyncio.run(main())

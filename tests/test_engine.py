@@ -1,0 +1,83 @@
+"""Engine configuration (CUDA checked by design: no GPU is needed to test the plan)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from crossrank.collate import pad_pairs
+from crossrank.engine import CPU, CUDA, EngineConfigError, OnnxEngine, plan_session
+from crossrank.model_dir import ModelDir
+from crossrank.tokenization import PairTokenizer
+
+
+def test_cuda_requested_without_cuda_fails_clearly() -> None:
+    with pytest.raises(EngineConfigError, match="CUDAExecutionProvider"):
+        plan_session("cuda", [CPU])
+
+
+def test_auto_picks_cpu_without_cuda() -> None:
+    plan = plan_session("auto", [CPU], threads=3)
+    assert plan.device == "cpu"
+    assert plan.providers == [(CPU, {})]
+    assert plan.intra_op_threads == 3
+    assert not plan.io_binding
+    assert plan.options["enable_cpu_mem_arena"] is False
+    assert plan.options["enable_mem_pattern"] is False
+
+
+def test_auto_picks_cuda_when_available_with_bounded_arena_and_io_binding() -> None:
+    plan = plan_session("auto", [CUDA, CPU], cuda_device_id=1, cuda_mem_limit_mb=2048)
+    assert plan.device == "cuda"
+    (name, options), fallback = plan.providers
+    assert name == CUDA and fallback == (CPU, {})
+    assert options["device_id"] == "1"
+    assert options["arena_extend_strategy"] == "kSameAsRequested"
+    assert options["gpu_mem_limit"] == str(2048 * 1024 * 1024)
+    assert plan.io_binding
+
+
+def test_cpu_forced_even_when_cuda_exists() -> None:
+    assert plan_session("cpu", [CUDA, CPU]).device == "cpu"
+
+
+def test_engine_reads_input_names_and_works_without_token_types(
+    model_dir: ModelDir, tmp_path: Path
+) -> None:
+    tokenizer = PairTokenizer(model_dir.tokenizer_path, 16, 128)
+    batch = pad_pairs(tokenizer.encode("sky", ["blue sky", "a cat sat"]).pairs)
+    plan = plan_session("cpu", [CPU], threads=1)
+    with_types = OnnxEngine(model_dir.variant_path("fp32"), plan)
+    assert with_types.uses_token_type_ids
+    logits = with_types.run(batch)
+    assert logits.shape == (2,) and logits.dtype == np.float32
+
+    # A graph without token_type_ids (e.g. DistilBERT-style): the engine must not feed one.
+    graph = onnx.load(model_dir.variant_path("fp32"))
+    constant = onnx.helper.make_node(
+        "Constant",
+        [],
+        ["token_type_ids"],
+        value=onnx.helper.make_tensor("zero", onnx.TensorProto.INT64, [1, 1], [0]),
+    )
+    del graph.graph.input[2]
+    graph.graph.node.insert(0, constant)
+    pruned = tmp_path / "no_types.onnx"
+    onnx.save(graph, pruned)
+    without = OnnxEngine(pruned, plan)
+    assert not without.uses_token_type_ids
+    assert without.run(batch).shape == (2,)
+
+
+def test_unknown_inputs_are_refused(model_dir: ModelDir, tmp_path: Path) -> None:
+    graph = onnx.load(model_dir.variant_path("fp32"))
+    graph.graph.input.append(
+        onnx.helper.make_tensor_value_info("pixel_values", onnx.TensorProto.FLOAT, [1])
+    )
+    odd = tmp_path / "odd.onnx"
+    onnx.save(graph, odd)
+    with pytest.raises(EngineConfigError, match="pixel_values"):
+        OnnxEngine(odd, plan_session("cpu", [CPU]))
