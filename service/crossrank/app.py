@@ -55,10 +55,10 @@ def validation_error(exc: RequestValidationError) -> ServiceError:
     first = exc.errors()[0]
     if first.get("type") == "json_invalid":
         return invalid(f"the body is not valid JSON: {first.get('msg')}", "body")
-    field = _field(tuple(first.get("loc", ())))
+    field = _field(tuple(first.get("loc", ()))) or "body"
     if first.get("type") == "missing":
-        return invalid(f"{field} is required", field or "body")
-    return invalid(f"{field}: {first.get('msg')}", field or "body")
+        return invalid(f"{field} is required", field)
+    return invalid(f"{field}: {first.get('msg')}", field)
 
 
 def create_app(settings: Settings, engine_factory: EngineFactory = OnnxEngine) -> FastAPI:

@@ -97,7 +97,7 @@ async def rerank(body: RerankRequest, request: Request) -> Response:
 @router.post("/v2/rerank", response_model=CohereResponse, include_in_schema=False)
 async def cohere_rerank(body: CohereRerankRequest, request: Request) -> Response:
     service = _service(request)
-    texts = [d if isinstance(d, str) else d.text for d in body.documents]
+    texts = body.documents
     ranked = await _until_disconnect(
         request,
         service.require_ready().score(

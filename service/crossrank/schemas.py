@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+)
 
 
 def _not_blank(value: str) -> str:
@@ -14,6 +23,16 @@ def _not_blank(value: str) -> str:
 
 
 Text = Annotated[StrictStr, AfterValidator(_not_blank)]
+
+
+def _document_text(value: object) -> object:
+    """Cohere and Jina accept a document as a string or as ``{"text": ...}``."""
+    if isinstance(value, dict) and "text" in value:
+        return value["text"]
+    return value
+
+
+DocumentText = Annotated[Text, BeforeValidator(_document_text)]
 
 
 class RerankRequest(BaseModel):
@@ -30,7 +49,10 @@ class RerankRequest(BaseModel):
         default=True, description="Cut over-long pairs to the model's length instead of a 422."
     )
     timeout_ms: StrictInt | None = Field(
-        default=None, ge=1, description="Deadline from arrival; past it the answer is a 504."
+        default=None,
+        ge=1,
+        le=3_600_000,
+        description="Deadline from arrival, at most an hour; past it the answer is a 504.",
     )
 
 
@@ -52,10 +74,6 @@ class RerankResponse(BaseModel):
     usage: Usage
 
 
-class Document(BaseModel):
-    text: Text
-
-
 class CohereRerankRequest(BaseModel):
     """Cohere's (and Jina's) rerank body. Fields this server has no use for (e.g.
     ``max_tokens_per_doc``, ``rank_fields``) are accepted and ignored, as a drop-in must."""
@@ -64,7 +82,7 @@ class CohereRerankRequest(BaseModel):
 
     model: StrictStr | None = None
     query: Text
-    documents: list[Text | Document] = Field(min_length=1)
+    documents: list[DocumentText] = Field(min_length=1)
     top_n: StrictInt | None = Field(default=None, ge=1)
     return_documents: StrictBool = False
 
