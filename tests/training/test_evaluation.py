@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from toy_data import MARKER
+
+from crossrank_train.evaluate import EvalSet, evaluate, load_eval_set, measure, rerank
+from crossrank_train.scoring import BiEncoderScorer
+
+
+class MarkerCounter:
+    """An oracle: a passage's score is how often it says the marker."""
+
+    name = "oracle"
+
+    def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
+        return np.array([p.split().count(MARKER) for p in passages], dtype=np.float32)
+
+
+def test_measures_match_hand_computed_values() -> None:
+    qrels = {"q1": {"d1": 1, "d3": 0}, "q2": {"d5": 2}}
+    run = {"q1": {"d2": 3.0, "d1": 2.0, "d3": 1.0}, "q2": {"d5": 9.0, "d6": 1.0}}
+
+    figures = measure(qrels, run)
+
+    # q1: its one relevant passage at rank 2; q2: at rank 1.
+    assert figures["RR@10"] == pytest.approx((1 / 2 + 1) / 2)
+    assert figures["nDCG@10"] == pytest.approx((1 / math.log2(3) + 1) / 2)
+    assert figures["R@100"] == pytest.approx(1.0)
+
+
+def _eval_set() -> EvalSet:
+    corpus = {f"d{n}": " ".join(["cat"] + [MARKER] * n) for n in range(5)}
+    # The first stage ranks the passages worst first.
+    candidates = {"q1": {f"d{n}": float(10 - n) for n in range(5)}}
+    return EvalSet({"q1": "cat"}, corpus, {"q1": {"d4": 2, "d3": 1}}, candidates, "reversed")
+
+
+def test_reranking_is_measured_next_to_the_first_stage() -> None:
+    eval_set = _eval_set()
+
+    assert rerank(MarkerCounter(), eval_set)["q1"] == {f"d{n}": float(n) for n in range(5)}
+    first_stage, oracle = evaluate([MarkerCounter()], eval_set)
+
+    assert first_stage["name"] == "reversed"
+    assert first_stage["RR@10"] == pytest.approx(1 / 4)
+    assert oracle["name"] == "oracle"
+    assert oracle["nDCG@10"] == pytest.approx(1.0)
+
+
+def test_eval_set_keeps_judged_queries_and_cuts_the_run(tmp_path: Path) -> None:
+    (tmp_path / "queries.tsv").write_text("1\tcats\n2\tdogs\n3\tfish\n4\tbirds\n")
+    (tmp_path / "qrels.txt").write_text("1 0 a 1\n2 0 b 0\n3 0 c 2\n4 0 d 1\n")
+    passages = {"a": "cats purr", "b": "dogs bark", "c": "fish swim", "d": "birds fly"}
+    (tmp_path / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in passages.items())
+    )
+    (tmp_path / "run").write_text(
+        "1 Q0 a 1 3.0 t\n1 Q0 b 2 2.0 t\n1 Q0 gone 3 1.5 t\n1 Q0 c 4 1.0 t\n3 Q0 c 1 5.0 t\n"
+    )
+    paths = [tmp_path / n for n in ("queries.tsv", "qrels.txt", "corpus.jsonl")]
+
+    from_run = load_eval_set(*paths, tmp_path / "run", depth=3, max_queries=2)
+    from_bm25 = load_eval_set(*paths)
+
+    # Query 2 has no relevant judgement; max_queries=2 stops before query 4.
+    assert list(from_run.queries) == ["1", "3"]
+    assert set(from_run.qrels) == {"1", "3"}
+    # Depth 3 keeps a, b, "gone"; "gone" has no text and is dropped.
+    assert from_run.candidates == {"1": {"a": 3.0, "b": 2.0}, "3": {"c": 5.0}}
+    assert list(from_bm25.queries) == ["1", "3", "4"]
+    assert {q: list(c) for q, c in from_bm25.candidates.items()} == {
+        "1": ["a"],
+        "3": ["c"],
+        "4": ["d"],
+    }
+
+
+def test_bi_encoder_scores_cosine_of_mean_pooled_embeddings(tiny_checkpoint: Path) -> None:
+    scorer = BiEncoderScorer(tiny_checkpoint, "tiny")
+
+    scores = scorer.score("paris is the capital", ["paris is the capital", "dog fire water"])
+
+    assert scores[0] == pytest.approx(1.0, abs=1e-5)
+    assert -1.0 <= scores[1] < scores[0]

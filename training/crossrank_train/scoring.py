@@ -1,0 +1,156 @@
+"""Scorers: (query, passages) -> one score per passage, higher is more relevant.
+
+Cross-encoders run either as a torch checkpoint or as an exported model directory through the
+service's own engine; the baseline is the all-MiniLM-L6-v2 bi-encoder's cosine similarity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from transformers import AutoModel, PreTrainedModel
+
+from crossrank.collate import PaddedBatch, pad_pairs
+from crossrank.engine import CPU, OnnxEngine, plan_session
+from crossrank.model_dir import METADATA_FILE, load_model_dir
+from crossrank.tokenization import EncodedPair, PairTokenizer
+from crossrank_train.encoding import batch_feeds, to_tensors
+from crossrank_train.models import (
+    load_cross_encoder,
+    read_provenance,
+    tokenizer_file,
+    uses_token_types,
+)
+
+
+class Scorer(Protocol):
+    name: str
+
+    def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
+        """float32 scores, one per passage, in the passages' order."""
+        ...
+
+
+def _score_in_batches(
+    pairs: list[EncodedPair], batch_size: int, run: Callable[[PaddedBatch], np.ndarray]
+) -> np.ndarray:
+    # Batching pairs of similar length wastes less compute on padding.
+    order = np.argsort([p.length for p in pairs], kind="stable")
+    scores = np.empty(len(pairs), dtype=np.float32)
+    for start in range(0, len(pairs), batch_size):
+        rows = order[start : start + batch_size]
+        scores[rows] = run(pad_pairs([pairs[i] for i in rows]))
+    return scores
+
+
+class TorchScorer:
+    """A torch cross-encoder (in memory, e.g. mid-training) on the service's inputs."""
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PairTokenizer, batch_size: int = 32, name: str = ""
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.name = name or model.config.name_or_path
+        self._token_types = uses_token_types(model)
+
+    def _run(self, batch: PaddedBatch) -> np.ndarray:
+        logits = self.model(**to_tensors(batch_feeds(batch, self._token_types))).logits
+        return logits[:, 0].float().numpy()
+
+    def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                pairs = self.tokenizer.encode(query, list(passages)).pairs
+                return _score_in_batches(pairs, self.batch_size, self._run)
+        finally:
+            self.model.train(was_training)
+
+
+class OnnxScorer:
+    """An ONNX cross-encoder run by the service's own OnnxEngine on CPU."""
+
+    def __init__(
+        self, model_file: Path, tokenizer: PairTokenizer, batch_size: int = 32, name: str = ""
+    ) -> None:
+        self.engine = OnnxEngine(model_file, plan_session("cpu", [CPU]))
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.name = name or model_file.name
+
+    @classmethod
+    def from_model_dir(
+        cls, model_dir: str | Path, variant: str = "auto", batch_size: int = 32
+    ) -> OnnxScorer:
+        model = load_model_dir(model_dir)
+        meta = model.metadata
+        variant = model.choose_variant(variant, "cpu")
+        tokenizer = PairTokenizer(model.tokenizer_path, meta.max_query_tokens, meta.max_length)
+        return cls(model.variant_path(variant), tokenizer, batch_size, f"{meta.name} ({variant})")
+
+    def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
+        pairs = self.tokenizer.encode(query, list(passages)).pairs
+        return _score_in_batches(pairs, self.batch_size, self.engine.run)
+
+
+class BiEncoderScorer:
+    """Cosine similarity of mean-pooled, normalised sentence embeddings (all-MiniLM-L6-v2's
+    recipe): the re-ranking baseline a cross-encoder has to beat."""
+
+    def __init__(
+        self, checkpoint: str | Path, name: str, max_length: int = 256, batch_size: int = 32
+    ) -> None:
+        self.name = name
+        self.model = AutoModel.from_pretrained(str(checkpoint), local_files_only=True).eval()
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file(checkpoint)))
+        # all-MiniLM-L6-v2 was trained on inputs of at most 256 tokens.
+        self.tokenizer.enable_truncation(max_length)
+        self.tokenizer.enable_padding()
+        self.batch_size = batch_size
+
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        chunks = []
+        for start in range(0, len(texts), self.batch_size):
+            encodings = self.tokenizer.encode_batch(texts[start : start + self.batch_size])
+            ids = torch.tensor([e.ids for e in encodings])
+            mask = torch.tensor([e.attention_mask for e in encodings])
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+            chunks.append(torch.nn.functional.normalize(pooled, dim=-1))
+        return torch.cat(chunks)
+
+    def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
+        with torch.inference_mode():
+            return (self._embed(list(passages)) @ self._embed([query])[0]).float().numpy()
+
+
+def load_scorer(
+    path: str | Path,
+    *,
+    variant: str = "auto",
+    batch_size: int = 32,
+    max_query_tokens: int | None = None,
+    max_length: int | None = None,
+) -> Scorer:
+    """An exported model directory (it has crossrank.json) or a torch checkpoint directory.
+    A model directory carries its token limits; a checkpoint's default to those it was trained
+    with (else 64 and 512)."""
+    path = Path(path)
+    if (path / METADATA_FILE).is_file():
+        return OnnxScorer.from_model_dir(path, variant, batch_size)
+    trained = read_provenance(path)
+    tokenizer = PairTokenizer(
+        tokenizer_file(path),
+        max_query_tokens or trained.get("max_query_tokens", 64),
+        max_length or trained.get("max_length", 512),
+    )
+    return TorchScorer(load_cross_encoder(path), tokenizer, batch_size, name=str(path))
