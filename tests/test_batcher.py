@@ -301,3 +301,28 @@ def test_max_wait_merges_requests_arriving_close_together() -> None:
         assert [x.pairs for x in engine.batches] == [6]
 
     asyncio.run(main())
+
+
+def test_a_batching_bug_fails_the_queued_requests_instead_of_hanging_them() -> None:
+    async def main() -> None:
+        engine = ScriptedEngine()
+        batcher = make(engine)
+        original = batcher._prepare
+        calls = {"n": 0}
+
+        def flaky(now: float):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("planner bug")
+            return original(now)
+
+        batcher._prepare = flaky  # type: ignore[method-assign]
+        batcher.start()
+        with pytest.raises(ServiceError) as failed:
+            await batcher.wait(batcher.admit([pair(5)], 5.0))
+        assert failed.value.type is ErrorType.INTERNAL
+        # The loop survived: the next request is served.
+        assert len(await batcher.wait(batcher.admit([pair(5)], 5.0))) == 1
+        await batcher.close()
+
+    asyncio.run(main())

@@ -212,6 +212,26 @@ class Batcher:
     # -- batching ----------------------------------------------------------------------------
 
     async def _loop(self) -> None:
+        while True:
+            try:
+                await self._serve()
+            except Exception:
+                # A bug here must not leave every admitted request hanging until its deadline.
+                error_id = uuid.uuid4().hex[:12]
+                log.exception("batcher failure %s: failing the queued requests", error_id)
+                error = ServiceError(
+                    ErrorType.INTERNAL, f"internal error (id {error_id})", error_id=error_id
+                )
+                for request in list(self._requests.values()):
+                    if request.pending:
+                        self._requests.pop(request.key)
+                        self._queued -= len(request.pending)
+                        request.pending = []
+                        if not request.future.done():
+                            request.future.set_exception(error)
+                self._changed()
+
+    async def _serve(self) -> None:
         prepared: _Prepared | None = None
         while True:
             self._wake.clear()

