@@ -1,0 +1,1 @@
+"""crossrank benchmarks (scripts, not tests): see bench/README.md."""

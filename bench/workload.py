@@ -1,0 +1,47 @@
+"""Realistic re-ranking workloads: one real query and N real passages of varied lengths, seeded.
+
+Text comes from files (nothing is built in): passages from a JSONL(.gz) with a ``text`` field
+(e.g. ``../shared/data/trec-dl-2021/passages.jsonl.gz``) or a plain file with one passage a line;
+queries from a TSV ``id<TAB>text`` (e.g. ``trec-dl-2021/queries.tsv``) or one query a line.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _lines(path: Path) -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def read_passages(path: Path) -> list[str]:
+    lines = _lines(path)
+    if ".jsonl" in path.name:
+        return [json.loads(line)["text"] for line in lines]
+    return lines
+
+
+def read_queries(path: Path) -> list[str]:
+    return [line.split("\t", 1)[-1] for line in _lines(path)]
+
+
+@dataclass(frozen=True)
+class Request:
+    query: str
+    passages: list[str]
+
+
+class Workload:
+    def __init__(self, passages: Path, queries: Path, seed: int = 0) -> None:
+        self.passages = read_passages(passages)
+        self.queries = read_queries(queries)
+        self.rng = random.Random(seed)
+
+    def request(self, n: int) -> Request:
+        return Request(self.rng.choice(self.queries), self.rng.sample(self.passages, n))
