@@ -78,7 +78,11 @@ def sentence_transformers_predict(checkpoint: Path, query: str, passages: list[s
     import crossrank_train.gated_bert  # noqa: F401  (registers the gated architecture)
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model = CrossEncoder(str(checkpoint), device="cpu", local_files_only=True)
+    model = CrossEncoder(str(checkpoint), device="cpu", local_files_only=True, max_length=512)
+    # A crossrank checkpoint ships tokenizer.json alone, which names no padding token and no
+    # model inputs; the gated model needs the segment ids.
+    model.tokenizer.pad_token = model.tokenizer.pad_token or "[PAD]"
+    model.tokenizer.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
     pairs = [(query, p) for p in passages]
     model.predict(pairs[:32], batch_size=32)
     start = time.perf_counter()
