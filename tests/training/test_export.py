@@ -176,3 +176,20 @@ def test_plain_export_writes_fp32_only_and_refuses_unchecked_variants(tmp_path: 
             max_length=MAX_LENGTH,
             variants=("fp32", "int8"),
         )
+
+
+def test_ship_keeps_only_the_chosen_variants(graded_checkpoint: Path, tmp_path: Path) -> None:
+    sample = graded_cases(4, GRADED_LEVELS, seed=2)
+    model_dir = export_checkpoint(
+        graded_checkpoint,
+        tmp_path / "model",
+        name="graded",
+        sample=sample,
+        sample_source="toy",
+        ship=["int8", "fp16"],
+    )
+    meta = load_model_dir(model_dir.path).metadata
+    assert meta.variants == {"int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+    assert not (model_dir.path / "model.onnx").exists()
+    # The gates still ran against fp32 before it was left out.
+    assert set(meta.training["export"]["agreement"]) == {"int8", "fp16"}

@@ -177,6 +177,13 @@ def _parser() -> argparse.ArgumentParser:
         "--variants", nargs="+", choices=list(VARIANT_FILES), default=list(VARIANT_FILES)
     )
     export.add_argument(
+        "--ship",
+        nargs="+",
+        choices=list(VARIANT_FILES),
+        help="variants kept in the directory (default: all exported); e.g. int8 fp16 to leave "
+        "out the large fp32 file",
+    )
+    export.add_argument(
         "--activation",
         choices=[a.value for a in Activation],
         help="default: sigmoid for BCE-trained models, else identity",
@@ -315,6 +322,7 @@ def _export(args: argparse.Namespace) -> int:
         activation=Activation(args.activation) if args.activation else None,
         max_query_tokens=args.max_query_tokens,
         max_length=args.max_length,
+        ship=args.ship,
     )
     report = model.metadata.training["export"]
     print(f"wrote {model.path}: variants {sorted(model.metadata.variants)}")

@@ -250,8 +250,10 @@ def export_model_dir(
     fused: bool = False,
     sample: Sequence[RankingCase] | None = None,
     qrels: Qrels | None = None,
+    ship: Sequence[str] | None = None,
 ) -> ModelDir:
-    """Write a model directory with ``variants`` (fp32 always among them).
+    """Write a model directory with ``variants`` (fp32 always among them); with ``ship``, only
+    those variants stay in it (fp32 is still exported: it is the reference of every gate).
 
     With a ``sample`` of queries and candidates, the fp32 graph passes the parity gate and the
     reduced variants the agreement gate on it (both raise on failure); with ``qrels`` for the
@@ -288,6 +290,11 @@ def export_model_dir(
         convert_fp16(out / FP32_FILE, out / VARIANT_FILES["fp16"])
     if sample:
         report |= _judge_variants(out, variants, pair_tokenizer, sample, qrels)
+    shipped = [v for v in variants if ship is None or v in ship]
+    if not shipped:
+        raise ValueError(f"none of the shipped variants {ship} is among {list(variants)}")
+    for variant in set(variants) - set(shipped):
+        (out / VARIANT_FILES[variant]).unlink()
     write_metadata(
         out,
         ModelMetadata(
@@ -295,7 +302,7 @@ def export_model_dir(
             max_query_tokens=max_query_tokens,
             max_length=max_length,
             activation=activation,
-            variants={v: VARIANT_FILES[v] for v in variants},
+            variants={v: VARIANT_FILES[v] for v in shipped},
             training={**(training or {}), "export": report},
         ),
     )
@@ -314,6 +321,7 @@ def export_checkpoint(
     activation: Activation | None = None,
     max_query_tokens: int | None = None,
     max_length: int | None = None,
+    ship: Sequence[str] | None = None,
 ) -> ModelDir:
     """A local Hugging Face checkpoint directory -> a fused, gated model directory.
 
@@ -344,4 +352,5 @@ def export_checkpoint(
         fused=True,
         sample=sample,
         qrels=qrels,
+        ship=ship,
     )
