@@ -35,7 +35,7 @@ train)
     --max-length 192 --bf16 --save-every 100 ${RESUME:-} ;;
 export)
   $CR export --model "$WORK/train/final" --out models/crossrank-minilm-l6 --name crossrank-minilm-l6 \
-    --variants fp32 int8 fp16 --activation sigmoid \
+    --variants fp32 int8 fp16 --ship int8 fp16 --max-length 256 \
     --eval-queries "$DATA/trec-dl-2021/queries.tsv" --eval-qrels "$DATA/trec-dl-2021/qrels.txt" \
     --eval-corpus "$DATA/trec-dl-2021/passages.jsonl.gz" --eval-run "$DATA/trec-dl-2021/runs/BM25.top100.run" ;;
 eval)
