@@ -36,8 +36,8 @@ serve: setup-serve
 	$(BIN)/crossrank serve --model $(MODEL) --port $(PORT)
 
 lint: setup-dev
-	$(BIN)/ruff check service training tests
-	$(BIN)/ruff format --check service training tests
+	$(BIN)/ruff check service training tests bench
+	$(BIN)/ruff format --check service training tests bench
 
 test: lint
 	$(BIN)/pytest -q -p no:cacheprovider

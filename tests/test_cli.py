@@ -85,3 +85,13 @@ def test_serve_end_to_end_and_sigterm_exits_cleanly(model_dir: ModelDir) -> None
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_the_serving_path_never_imports_torch() -> None:
+    code = (
+        "import sys, crossrank.cli, crossrank.server, crossrank.app; "
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "sys.exit(f'imported {bad}' if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
