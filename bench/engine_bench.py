@@ -8,8 +8,9 @@ a multiply-add as 2 FLOPs and ignoring softmax, norms and activations (under 1%)
     pair:      n x per layer
 
 MiniLM-L6 (h=384, i=1536, n=6) at L=180: 6 x (2*180*(589,824 + 1,179,648) + 4*180^2*384)
-≈ 3.87 GFLOP per pair. The roofline is the fp32 matmul rate measured in the same run, on matrices
-of the encoder's shapes (a [B*L, h] x [h, i] product), with the same threads.
+≈ 4.12 GFLOP per pair (`pair_flops(180, Shape())`). The roofline is the fp32 matmul rate
+measured in the same run, on matrices of the encoder's shapes (a [B*L, h] x [h, i] product),
+with the same threads.
 """
 
 from __future__ import annotations

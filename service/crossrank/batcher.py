@@ -184,7 +184,12 @@ class Batcher:
 
     def abandon(self, ticket: Ticket, reason: str) -> None:
         """Forget a request: its queued pairs are dropped, in-flight results discarded."""
-        request = ticket._request
+        self._forget(ticket._request, reason, None)
+        self._changed()
+
+    def _forget(self, request: _Request, reason: str, error: ServiceError | None) -> None:
+        """Take a request out of the queue, counting its undispatched pairs as dropped for
+        ``reason``, and end its future: with ``error``, or cancelled."""
         if self._requests.pop(request.key, None) is None:
             return
         dropped = len(request.pending)
@@ -192,9 +197,12 @@ class Batcher:
             self._metrics.dropped_pairs.labels(reason).inc(dropped)
             self._queued -= dropped
             request.pending = []
-        if not request.future.done():
+        if request.future.done():
+            return
+        if error is None:
             request.future.cancel()
-        self._changed()
+        else:
+            request.future.set_exception(error)
 
     def _changed(self) -> None:
         """The queue changed: a prepared batch must be re-planned."""
@@ -224,11 +232,7 @@ class Batcher:
                 )
                 for request in list(self._requests.values()):
                     if request.pending:
-                        self._requests.pop(request.key)
-                        self._queued -= len(request.pending)
-                        request.pending = []
-                        if not request.future.done():
-                            request.future.set_exception(error)
+                        self._forget(request, "failed", error)
                 self._changed()
 
     async def _serve(self) -> None:
@@ -324,17 +328,9 @@ class Batcher:
                 request.future.set_result(request.logits)
 
     def _fail(self, prepared: _Prepared, error: ServiceError, cause: Exception) -> None:
+        error.__cause__ = cause
         for request, _ in prepared.rows:
-            if self._requests.pop(request.key, None) is None:
-                continue
-            dropped = len(request.pending)
-            if dropped:
-                self._metrics.dropped_pairs.labels("failed").inc(dropped)
-                self._queued -= dropped
-                request.pending = []
-            if not request.future.done():
-                error.__cause__ = cause
-                request.future.set_exception(error)
+            self._forget(request, "failed", error)
         self._version += 1
 
     async def _check_health(self) -> None:

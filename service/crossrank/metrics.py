@@ -106,7 +106,7 @@ class Metrics:
         self.dropped_pairs = Counter(
             "crossrank_dropped_pairs",
             "Admitted pairs dropped before inference, by reason "
-            "(failed: another batch of their request failed).",
+            "(failed: a batch of their request, or the batcher itself, failed).",
             ["reason"],
             registry=r,
         )

@@ -24,6 +24,11 @@ class Ranked:
     tokens: int
     truncated: int
 
+    def best(self, limit: int | None) -> list[tuple[int, float]]:
+        """(index, score) of the best ``limit`` passages (all when None), best first."""
+        order = self.order[:limit] if limit else self.order
+        return [(index, float(self.scores[index])) for index in order.tolist()]
+
 
 def rank(logits: np.ndarray) -> np.ndarray:
     """Indices by logit descending, ties by index ascending (a stable, reproducible order)."""
@@ -75,10 +80,18 @@ class Reranker:
                 self._pool, self._tokenizer.encode, query, passages, truncate
             )
         except QueryTooLongError as exc:
-            raise invalid(str(exc).replace("the query", "query"), "query") from None
+            raise invalid(
+                f"query has {exc.tokens} tokens, over the model's budget of {exc.budget}; "
+                "shorten it or send truncate=true",
+                "query",
+            ) from None
         except PassageTooLongError as exc:
-            message = str(exc).replace("passages[", f"{passages_field}[")
-            raise invalid(message, f"{passages_field}[{exc.index}]") from None
+            field = f"{passages_field}[{exc.index}]"
+            raise invalid(
+                f"{field} makes a pair of {exc.tokens} tokens, over the model's max length of "
+                f"{exc.max_length}; shorten it or send truncate=true",
+                field,
+            ) from None
         self._metrics.tokenization.observe(time.monotonic() - started)
 
         timeout_s = (timeout_ms or self._default_timeout_ms) / 1000

@@ -68,14 +68,12 @@ async def rerank(body: RerankRequest, request: Request) -> Response:
     )
     if ranked is None:
         return Response(status_code=CLIENT_CLOSED)
-    order = ranked.order[: body.top_k] if body.top_k else ranked.order
-    scores = ranked.scores
-    results = []
-    for index in order.tolist():
-        result = {"index": index, "score": float(scores[index])}
-        if body.return_passages:
-            result["passage"] = body.passages[index]
-        results.append(result)
+    results = [
+        {"index": i, "score": score, "passage": body.passages[i]}
+        if body.return_passages
+        else {"index": i, "score": score}
+        for i, score in ranked.best(body.top_k)
+    ]
     return JSONResponse(
         {
             "results": results,
@@ -111,13 +109,12 @@ async def cohere_rerank(body: CohereRerankRequest, request: Request) -> Response
     )
     if ranked is None:
         return Response(status_code=CLIENT_CLOSED)
-    order = ranked.order[: body.top_n] if body.top_n else ranked.order
-    results = []
-    for index in order.tolist():
-        result = {"index": index, "relevance_score": float(ranked.scores[index])}
-        if body.return_documents:
-            result["document"] = {"text": texts[index]}
-        results.append(result)
+    results = [
+        {"index": i, "relevance_score": score, "document": {"text": texts[i]}}
+        if body.return_documents
+        else {"index": i, "relevance_score": score}
+        for i, score in ranked.best(body.top_n)
+    ]
     return JSONResponse(
         {
             "id": str(uuid.uuid4()),

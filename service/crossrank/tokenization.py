@@ -16,16 +16,20 @@ from tokenizers import Tokenizer
 class QueryTooLongError(ValueError):
     """The query exceeds its token budget and the caller asked not to truncate."""
 
+    def __init__(self, tokens: int, budget: int) -> None:
+        super().__init__(f"the query has {tokens} tokens, over the budget of {budget}")
+        self.tokens = tokens
+        self.budget = budget
+
 
 class PassageTooLongError(ValueError):
     """A pair exceeds the model's max length and the caller asked not to truncate."""
 
     def __init__(self, index: int, tokens: int, max_length: int) -> None:
-        super().__init__(
-            f"passages[{index}] makes a pair of {tokens} tokens, over the model's max length "
-            f"of {max_length}; shorten it or send truncate=true"
-        )
+        super().__init__(f"pair {index} has {tokens} tokens, over the max length of {max_length}")
         self.index = index
+        self.tokens = tokens
+        self.max_length = max_length
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +70,7 @@ class PairTokenizer:
         if len(encoding.ids) <= self.max_query_tokens:
             return query, False
         if not truncate:
-            raise QueryTooLongError(
-                f"the query has {len(encoding.ids)} tokens, over the budget of "
-                f"{self.max_query_tokens}; shorten it or send truncate=true"
-            )
+            raise QueryTooLongError(len(encoding.ids), self.max_query_tokens)
         # Cut the text at the end of the last token that fits, so the pair tokenizer sees the
         # same query prefix for every passage.
         end = encoding.offsets[self.max_query_tokens - 1][1]
