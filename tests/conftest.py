@@ -38,6 +38,7 @@ class GatedEngine:
         self.entered = threading.Semaphore(0)
         self.fail_when: Callable[[PaddedBatch], bool] = lambda batch: False
         self.batches: list[int] = []
+        self.padded_tokens: list[int] = []
 
     def run(self, batch: PaddedBatch) -> np.ndarray:
         self.entered.release()
@@ -45,6 +46,7 @@ class GatedEngine:
         if self.fail_when(batch):
             raise RuntimeError("injected engine fault")
         self.batches.append(batch.pairs)
+        self.padded_tokens.append(batch.padded_tokens)
         return self.inner.run(batch)
 
 

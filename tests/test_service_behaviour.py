@@ -229,3 +229,17 @@ def test_tokenisation_runs_off_the_event_loop(server: RunningServer) -> None:
             worst = max(worst, time.monotonic() - start)
     thread.join()
     assert worst < 0.5
+
+
+def test_batch_budget_is_automatic_per_device_unless_set(model_dir: ModelDir) -> None:
+    passages = [f"passage {i} about the blue sky over the quiet river" for i in range(300)]
+    for overrides, budget in (({}, 1024), ({"max_batch_tokens": 300}, 300)):
+        with run_server(model_dir, gated=True, **overrides) as srv:
+            srv.wait_ready()
+            assert srv.engine is not None
+            srv.engine.padded_tokens.clear()  # the warm-up's batches
+            with srv.client() as c:
+                assert c.post("/rerank", json={"query": "sky", "passages": passages}).is_success
+            assert max(srv.engine.padded_tokens) <= budget
+            # The budget is used, not undercut: most of the 300 pairs go in batches near it.
+            assert max(srv.engine.padded_tokens) > budget * 0.75

@@ -17,7 +17,7 @@ from crossrank.errors import ErrorType, ServiceError
 from crossrank.metrics import Metrics
 from crossrank.model_dir import ModelDir, load_model_dir
 from crossrank.reranker import Reranker
-from crossrank.scheduling import BatchLimits
+from crossrank.scheduling import AUTO_BATCH_TOKENS, BatchLimits
 from crossrank.settings import Settings
 from crossrank.tokenization import EncodedPair, PairTokenizer
 
@@ -80,10 +80,11 @@ class Service:
         meta = model.metadata
         tokenizer = PairTokenizer(model.tokenizer_path, meta.max_query_tokens, meta.max_length)
         probe = tokenizer.encode("warm up", ["the engine answers"]).pairs
+        batch_tokens = s.max_batch_tokens or AUTO_BATCH_TOKENS[plan.device]
         self.batcher = Batcher(
             engine,
             BatchLimits(
-                max_batch_tokens=s.max_batch_tokens,
+                max_batch_tokens=batch_tokens,
                 max_batch_pairs=s.max_batch_pairs,
                 max_wait_s=s.max_wait_ms / 1000,
                 aging_s=s.aging_s,
@@ -107,7 +108,7 @@ class Service:
             {"name": meta.name, "variant": variant, "provider": engine.provider}
         )
         log.info("model %s (%s) loaded from %s", meta.name, variant, model.path)
-        batches = warmup_batches(probe[0], meta.max_length, s.max_batch_tokens, s.max_batch_pairs)
+        batches = warmup_batches(probe[0], meta.max_length, batch_tokens, s.max_batch_pairs)
         self._warmup = asyncio.get_running_loop().create_task(self._warm_up(batches))
 
     async def _warm_up(self, batches: list[PaddedBatch]) -> None:

@@ -19,6 +19,12 @@ import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+# max_batch_tokens when the settings leave it at 0, per device. Measured on the CPU here
+# (`python -m bench.run`, engine batch-size sweep): pairs/s fall beyond ~1,000 padded tokens, as a
+# batch's activations outgrow the caches, and small batches keep a short request from waiting long
+# behind a long one. A GPU needs large batches to fill its cores (bench/README.md, "GPU").
+AUTO_BATCH_TOKENS = {"cpu": 1024, "cuda": 16384}
+
 
 @dataclass(frozen=True, slots=True)
 class BatchLimits:

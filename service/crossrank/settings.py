@@ -32,9 +32,12 @@ class Settings(BaseSettings):
         default=60_000, ge=1, description="Deadline of a request that sends no timeout_ms."
     )
 
-    # Batcher. CPU defaults: a CPU gains little from batches beyond a few thousand tokens, and
-    # small batches keep a short request from waiting behind a long one (see README).
-    max_batch_tokens: int = Field(default=4096, ge=16, description="Padded tokens per batch.")
+    # Batcher.
+    max_batch_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="Padded tokens per batch; 0 = auto: 1024 on CPU, 16384 on CUDA.",
+    )
     max_batch_pairs: int = Field(default=128, ge=1)
     max_wait_ms: float = Field(default=2.0, ge=0)
     max_queued_pairs: int = Field(default=4000, ge=1)
