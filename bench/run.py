@@ -1,6 +1,9 @@
-"""Run the benchmark and write ``results.md`` (+ a plot) under --out.
+"""Run the benchmark; write ``results.md`` and two PNG plots under --out.
 
-    python -m bench.run --model models/crossrank-minilm-l6 \\
+    python -m bench.run --model runs/bench/default-full \\
+        --checkpoint runs/default/train/final \\
+        --peer-checkpoint runs/bench/minilm-l6-ce --peer-model runs/bench/minilm-l6-ce-onnx \\
+        --infinity \\
         --passages ../shared/data/trec-dl-2021/passages.jsonl.gz \\
         --queries ../shared/data/trec-dl-2021/queries.tsv --out bench/results
 
@@ -15,16 +18,23 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import onnxruntime as ort
 
+from bench import plots, systems
 from bench.engine_bench import Shape, matmul_peak, pair_flops, run_engine
-from bench.service_bench import Server, closed_loop
-from bench.workload import Workload
-from crossrank.model_dir import load_model_dir
-from crossrank.tokenization import PairTokenizer
+from bench.service_bench import LoadResult, Server, closed_loop, latency, open_loop
+from bench.workload import Request, Workload
+from crossrank.model_dir import ModelDir, load_model_dir
+from crossrank.scheduling import AUTO_BATCH_TOKENS
+from crossrank.tokenization import EncodedPair, PairTokenizer
+
+CPU_BATCH_TOKENS = AUTO_BATCH_TOKENS["cpu"]
+SWEEP_BATCH_TOKENS = (256, 512, 1024, 2048, 4096, 8192)
 
 
 def machine() -> str:
@@ -40,74 +50,434 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {versions}"
 
 
-def latency(url: str, query: str, passages: list[str]) -> float:
-    start = time.perf_counter()
-    httpx.post(url + "/rerank", json={"query": query, "passages": passages}, timeout=600)
-    return time.perf_counter() - start
+@dataclass
+class Report:
+    lines: list[str] = field(default_factory=list)
+    figures: dict[str, float] = field(default_factory=dict)
+
+    def add(self, *lines: str) -> None:
+        self.lines.extend(lines)
+        for line in lines:
+            print(line, flush=True)
+
+    def table(self, header: list[str]) -> None:
+        self.add("", "| " + " | ".join(header) + " |", "|" + "---|" * len(header))
+
+    def row(self, *cells: object) -> None:
+        self.add("| " + " | ".join(str(c) for c in cells) + " |")
 
 
-def fairness(url: str, workload: Workload, repeats: int) -> tuple[float, float]:
-    """Median latency of a 10-passage request idle, and while a 1,000-passage one runs."""
-    small = workload.request(10)
-    idle = statistics.median(latency(url, small.query, small.passages) for _ in range(repeats))
-    loaded = []
-    for _ in range(repeats):
-        big = workload.request(1000)
-
-        async def both(big=big) -> float:
-            async with httpx.AsyncClient(base_url=url, timeout=600) as http:
-                task = asyncio.ensure_future(
-                    http.post("/rerank", json={"query": big.query, "passages": big.passages})
-                )
-                await asyncio.sleep(1.0)  # the big request is being scored
-                start = time.perf_counter()
-                await http.post("/rerank", json={"query": small.query, "passages": small.passages})
-                elapsed = time.perf_counter() - start
-                await task
-                return elapsed
-
-        loaded.append(asyncio.run(both()))
-    return idle, statistics.median(loaded)
+def load_row(report: Report, label: str, clients: int, result: LoadResult, server: Server) -> None:
+    rss, peak = server.rss_mb()
+    report.row(
+        label,
+        clients,
+        f"{result.pairs_per_s:.1f}",
+        f"{result.percentile(50):.2f}",
+        f"{result.percentile(95):.2f}",
+        f"{result.percentile(99):.2f}",
+        f"{rss:.0f}",
+        f"{peak:.0f}",
+    )
+    report.figures[f"peak_rss/{label}"] = max(report.figures.get(f"peak_rss/{label}", 0), peak)
 
 
-def sentence_transformers_predict(checkpoint: Path, query: str, passages: list[str]) -> float:
-    """Pairs/s of what most users run: CrossEncoder.predict on the same pairs."""
+LOAD_HEADER = ["system", "clients", "pairs/s", "p50 s", "p95 s", "p99 s", "RSS MB", "peak RSS MB"]
+
+
+def tokenize(model: ModelDir, request: Request) -> list[EncodedPair]:
+    meta = model.metadata
+    tokenizer = PairTokenizer(model.tokenizer_path, meta.max_query_tokens, meta.max_length)
+    return tokenizer.encode(request.query, request.passages).pairs
+
+
+def sentence_transformers_predict(checkpoint: Path, request: Request, threads: int) -> float:
+    """Pairs/s of what most users run: CrossEncoder.predict (torch fp32) on the same pairs."""
     import torch
     from sentence_transformers import CrossEncoder
 
     import crossrank_train.gated_bert  # noqa: F401  (registers the gated architecture)
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    model = CrossEncoder(str(checkpoint), device="cpu", local_files_only=True, max_length=512)
-    # A crossrank checkpoint ships tokenizer.json alone, which names no padding token and no
-    # model inputs; the gated model needs the segment ids.
+    torch.set_num_threads(threads)
+    model = CrossEncoder(str(checkpoint), device="cpu", local_files_only=True, max_length=256)
+    # A crossrank training checkpoint ships tokenizer.json alone, which names no padding token
+    # and no model inputs; the gated model needs the segment ids.
     model.tokenizer.pad_token = model.tokenizer.pad_token or "[PAD]"
     model.tokenizer.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
-    pairs = [(query, p) for p in passages]
+    pairs = [(request.query, p) for p in request.passages]
     model.predict(pairs[:32], batch_size=32)
     start = time.perf_counter()
     model.predict(pairs, batch_size=32)
     return len(pairs) / (time.perf_counter() - start)
 
 
+def engine_section(args: argparse.Namespace, report: Report, request: Request) -> None:
+    shape = Shape(*args.shape)
+    peak = matmul_peak(args.threads, shape)
+    report.figures["peak"] = peak
+    report.add(f"fp32 MatMul peak (onnxruntime, this run): **{peak:.0f} GFLOP/s**", "")
+    report.add(
+        "## Engine: the bare onnxruntime session",
+        "",
+        f"{len(request.passages)} pairs, batches of at most {CPU_BATCH_TOKENS} padded tokens "
+        "(the CPU default), in arrival order and length-sorted. GFLOP/s count real tokens only.",
+    )
+    report.table(
+        ["model", "variant", "order", "pairs/s", "s per 1,000", "padding eff.", "GFLOP/s", "% peak"]
+    )
+    models = {"default": load_model_dir(args.model)}
+    if args.peer_model:
+        models["plain"] = load_model_dir(args.peer_model)
+    for label, model in models.items():
+        pairs = tokenize(model, request)
+        for variant in ("fp32", "int8"):
+            if variant not in model.metadata.variants:
+                continue
+            for sort in (False, True):
+                r = run_engine(
+                    model,
+                    variant,
+                    pairs,
+                    threads=args.threads,
+                    batch_tokens=CPU_BATCH_TOKENS,
+                    sort=sort,
+                    shape=shape,
+                )
+                report.figures[f"engine/{label}/{variant}/{r.order}"] = r.pairs_per_s
+                report.figures[f"gflops/{label}/{variant}/{r.order}"] = r.gflops
+                report.row(
+                    model.metadata.name,
+                    variant,
+                    r.order,
+                    f"{r.pairs_per_s:.1f}",
+                    f"{1000 / r.pairs_per_s:.1f}",
+                    f"{r.real_tokens / r.padded_tokens:.2f}",
+                    f"{r.gflops:.0f}",
+                    f"{100 * r.gflops / peak:.0f}%",
+                )
+    mean = sum(p.length for p in tokenize(models["default"], request)) / len(request.passages)
+    report.figures["mean_length"] = mean
+    if args.checkpoint or args.peer_checkpoint:
+        report.table(
+            ["sentence-transformers CrossEncoder.predict (torch fp32, batch 32)", "pairs/s"]
+        )
+        for label, checkpoint in (("default", args.checkpoint), ("plain", args.peer_checkpoint)):
+            if checkpoint:
+                st = sentence_transformers_predict(checkpoint, request, args.threads)
+                report.figures[f"st_predict/{label}"] = st
+                report.row(f"{label} model ({checkpoint.name})", f"{st:.1f}")
+
+    report.add(
+        "",
+        "### Batch size sweep (length-sorted, int8)",
+        "",
+        "Pairs/s by the padded-token budget per batch: where the CPU default comes from.",
+    )
+    report.table(["model", *(str(t) for t in SWEEP_BATCH_TOKENS)])
+    for model in models.values():
+        if "int8" not in model.metadata.variants:
+            continue
+        pairs = tokenize(model, request)
+        cells = []
+        for tokens in SWEEP_BATCH_TOKENS:
+            r = run_engine(
+                model,
+                "int8",
+                pairs,
+                threads=args.threads,
+                batch_tokens=tokens,
+                sort=True,
+                shape=shape,
+            )
+            cells.append(f"{r.pairs_per_s:.1f}")
+        report.row(model.metadata.name, *cells)
+
+
+def closed_loop_runs(
+    report: Report,
+    label: str,
+    start: Callable[[], Server],
+    workload: Workload,
+    args: argparse.Namespace,
+    levels: list[int],
+) -> dict[int, float]:
+    throughput = {}
+    with start() as server:
+        for clients in levels:
+            count = max(args.requests, clients)
+            reqs = workload.requests(count, 100, seed=args.seed + clients)
+            r = asyncio.run(closed_loop(server.target, reqs, clients))
+            throughput[clients] = r.pairs_per_s
+            load_row(report, label, clients, r, server)
+    return throughput
+
+
+def systems_section(args: argparse.Namespace, report: Report, workload: Workload) -> None:
+    report.add(
+        "",
+        "## Service: closed loop over loopback, 100-passage requests",
+        "",
+        "Every system gets the same requests at each concurrency. `plain` is the plain MiniLM-L6 "
+        "cross-encoder (bench/peer_checkpoint.py) that all of them can load.",
+    )
+    report.table(LOAD_HEADER)
+    series: dict[str, dict[int, float]] = {}
+    t = args.threads
+    series["crossrank, default model (int8)"] = closed_loop_runs(
+        report,
+        "crossrank, default model (int8)",
+        lambda: systems.crossrank(args.model, t),
+        workload,
+        args,
+        args.concurrency,
+    )
+    peer_levels = [c for c in args.concurrency if c <= args.peer_max_clients]
+    if args.peer_model:
+        label = "crossrank, plain (int8)"
+        series[label] = closed_loop_runs(
+            report,
+            label,
+            lambda: systems.crossrank(args.peer_model, t),
+            workload,
+            args,
+            peer_levels,
+        )
+    if args.peer_checkpoint:
+        label = "sentence-transformers + FastAPI, plain (fp32)"
+        series[label] = closed_loop_runs(
+            report,
+            label,
+            lambda: systems.st_api(args.peer_checkpoint, t),
+            workload,
+            args,
+            peer_levels,
+        )
+        if args.infinity:
+            label = "Infinity, plain (fp32)"
+            series[label] = closed_loop_runs(
+                report,
+                label,
+                lambda: systems.infinity(args.peer_checkpoint, t),
+                workload,
+                args,
+                peer_levels,
+            )
+    for name, points in series.items():
+        for clients, value in points.items():
+            report.figures[f"closed/{name}/{clients}"] = value
+    plots.throughput_vs_concurrency(series, args.out / "throughput.png")
+    report.add("", "![throughput vs concurrency](throughput.png)")
+
+
+def ablation_section(args: argparse.Namespace, report: Report, workload: Workload) -> None:
+    clients = max(c for c in args.concurrency if c <= 16)
+    report.add(
+        "",
+        f"## Batching ablations (default model, {clients} clients, 100-passage requests)",
+    )
+    report.table(LOAD_HEADER)
+    configs = [
+        ("defaults", []),
+        ("no length sorting", ["--no-length-sorting"]),
+        *((f"max_batch_tokens {n}", ["--max-batch-tokens", str(n)]) for n in (512, 2048, 4096)),
+        *((f"max_wait_ms {n}", ["--max-wait-ms", str(n)]) for n in (0, 10)),
+    ]
+    for label, flags in configs:
+        closed_loop_runs(
+            report,
+            label,
+            lambda flags=flags: systems.crossrank(args.model, args.threads, flags),
+            workload,
+            args,
+            [clients],
+        )
+
+
+def fairness(server: Server, workload: Workload, repeats: int) -> tuple[float, float]:
+    """Median latency of a 10-passage request idle, and issued while a 1,000-passage one runs."""
+    target = server.target
+    smalls = workload.requests(repeats, 10, seed=1)
+    idle = statistics.median(latency(target, s) for s in smalls)
+    loaded = []
+    for big, small in zip(workload.requests(repeats, 1000, seed=2), smalls, strict=True):
+
+        async def both(big: Request = big, small: Request = small) -> float:
+            async with httpx.AsyncClient(base_url=target.url, timeout=900) as http:
+                task = asyncio.ensure_future(http.post(target.path, json=target.body(big)))
+                await asyncio.sleep(1.0)  # the big request is being scored
+                start = time.perf_counter()
+                (await http.post(target.path, json=target.body(small))).raise_for_status()
+                elapsed = time.perf_counter() - start
+                (await task).raise_for_status()
+                return elapsed
+
+        loaded.append(asyncio.run(both()))
+    return idle, statistics.median(loaded)
+
+
+def latency_section(args: argparse.Namespace, report: Report, workload: Workload) -> None:
+    saturated = max(v for k, v in report.figures.items() if k.startswith("closed/crossrank, def"))
+    with systems.crossrank(args.model, args.threads) as server:
+        idle = statistics.median(
+            latency(server.target, r) for r in workload.requests(args.idle_repeats, 100, seed=3)
+        )
+        report.figures["idle100"] = idle
+        report.add(
+            "",
+            "## Latency vs offered load (open loop, default model, 100-passage requests)",
+            "",
+            f"Poisson arrivals at a fraction of the saturated rate ({saturated:.1f} pairs/s, the "
+            f"best closed-loop figure above); idle latency of one request: {idle:.2f} s (median "
+            f"of {args.idle_repeats}).",
+        )
+        report.table(["offered load", "requests/s", "requests", "p50 s", "p95 s", "p99 s"])
+        rows = []
+        for load in args.loads:
+            rate = load * saturated / 100
+            reqs = workload.requests(args.open_requests, 100, seed=int(100 * load))
+            r = asyncio.run(open_loop(server.target, reqs, rate, seed=int(100 * load)))
+            p50, p95, p99 = (r.percentile(q) for q in (50, 95, 99))
+            rows.append((load, p50, p95, p99))
+            report.figures[f"open/{load}/p99"] = p99
+            report.row(
+                f"{load:.0%}", f"{rate:.2f}", len(reqs), f"{p50:.2f}", f"{p95:.2f}", f"{p99:.2f}"
+            )
+        plots.latency_vs_load(rows, idle, args.out / "latency.png")
+        report.add("", "![latency vs offered load](latency.png)")
+
+        idle10, loaded10 = fairness(server, workload, args.fairness_repeats)
+        report.figures["fair_idle"], report.figures["fair_loaded"] = idle10, loaded10
+        report.add(
+            "",
+            "## Fairness",
+            "",
+            f"A 10-passage request: {idle10:.3f} s idle, {loaded10:.3f} s issued 1 s after a "
+            f"1,000-passage request (medians of {args.fairness_repeats}).",
+        )
+
+
+def memory_section(args: argparse.Namespace, report: Report, workload: Workload) -> None:
+    report.add(
+        "",
+        f"## Memory over {args.memory_runs} repeated load runs (default model)",
+        "",
+        "Each run: 16 clients, requests of 10, 100 and 1,000 passages mixed (the shapes change "
+        "all the time). RSS after each run, fresh server.",
+    )
+    report.table(["run", "RSS MB", "peak RSS MB"])
+    rss_after = []
+    with systems.crossrank(args.model, args.threads) as server:
+        for run in range(args.memory_runs):
+            reqs = [r for n in (10, 100, 1000) for r in workload.requests(3, n, seed=10 + run)]
+            asyncio.run(closed_loop(server.target, reqs, 16))
+            rss, peak = server.rss_mb()
+            rss_after.append(rss)
+            report.row(run + 1, f"{rss:.0f}", f"{peak:.0f}")
+        report.figures["memory_peak"] = peak
+    report.figures["memory_growth"] = max(rss_after[1:], default=rss_after[0]) - rss_after[0]
+
+
+def targets_section(args: argparse.Namespace, report: Report) -> None:
+    f = report.figures
+    out = ["", "## Targets", ""]
+
+    def verdict(ok: bool) -> str:
+        return "**met**" if ok else "**missed**"
+
+    served = f.get("engine/default/int8/length-sorted")
+    saturated = max(v for k, v in f.items() if k.startswith("closed/crossrank, def"))
+    if served:
+        ratio = saturated / served
+        out.append(
+            f"- Saturated service / raw engine (default model, int8, length-sorted): "
+            f"{saturated:.1f} / {served:.1f} = {ratio:.2f} (target ≥ 0.95): "
+            f"{verdict(ratio >= 0.95)}"
+        )
+    for label in ("plain", "default"):
+        gflops = f.get(f"gflops/{label}/fp32/length-sorted")
+        if gflops:
+            share = gflops / f["peak"]
+            out.append(
+                f"- fp32 engine, {label} model, length-sorted: {gflops:.0f} GFLOP/s = {share:.0%} "
+                f"of the {f['peak']:.0f} GFLOP/s roofline (target ≥ 85%): {verdict(share >= 0.85)}"
+            )
+        fp32 = f.get(f"engine/{label}/fp32/length-sorted")
+        int8 = f.get(f"engine/{label}/int8/length-sorted")
+        if fp32 and int8:
+            out.append(
+                f"- int8 / fp32 pairs/s, {label} model: {int8 / fp32:.2f}x (target ≥ 2.5x): "
+                f"{verdict(int8 / fp32 >= 2.5)}"
+            )
+    for peer in ("sentence-transformers + FastAPI", "Infinity"):
+        for clients in args.concurrency:
+            ours = f.get(f"closed/crossrank, plain (int8)/{clients}")
+            theirs = f.get(f"closed/{peer}, plain (fp32)/{clients}")
+            if ours and theirs:
+                out.append(
+                    f"- crossrank / {peer} at {clients} clients (same plain model, default CPU "
+                    f"configuration): {ours:.1f} / {theirs:.1f} = {ours / theirs:.1f}x "
+                    f"(target ≥ 3x): {verdict(ours / theirs >= 3)}"
+                )
+    st = f.get("st_predict/plain")
+    ours = f.get("engine/plain/int8/length-sorted")
+    if st and ours:
+        out.append(
+            f"- crossrank engine / CrossEncoder.predict, plain model: {ours:.1f} / {st:.1f} = "
+            f"{ours / st:.1f}x (target ≥ 3x): {verdict(ours / st >= 3)}"
+        )
+    p99 = f.get("open/0.5/p99")
+    if p99:
+        ratio = p99 / f["idle100"]
+        out.append(
+            f"- p99 of a 100-passage request at 50% load / idle: {p99:.2f} / {f['idle100']:.2f} s "
+            f"= {ratio:.1f}x (target ≤ 2x): {verdict(ratio <= 2)}"
+        )
+    if "fair_idle" in f:
+        ratio = f["fair_loaded"] / f["fair_idle"]
+        out.append(
+            f"- Fairness, 10 passages behind 1,000: {ratio:.1f}x idle (target ≤ 3x): "
+            f"{verdict(ratio <= 3)}"
+        )
+    peaks = {k.split("/", 1)[1]: v for k, v in f.items() if k.startswith("peak_rss/")}
+    heaviest = max(v for k, v in peaks.items() if "crossrank" in k or "max_" in k or "def" in k)
+    out.append(
+        f"- Peak RSS of crossrank under the heaviest load run: {heaviest:.0f} MB (target ≤ 1,500 "
+        f"MB): {verdict(heaviest <= 1500)}"
+    )
+    if "memory_growth" in f:
+        growth = f["memory_growth"]
+        out.append(
+            f"- RSS growth over {args.memory_runs} repeated runs beyond the first: "
+            f"{growth:+.0f} MB "
+            f"(target: none; under 5% of the first run's RSS counted as none): "
+            f"{verdict(growth <= 0.05 * f['memory_peak'])}"
+        )
+    report.add(*out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--model", type=Path, required=True, help="crossrank model dir (default)")
+    parser.add_argument("--checkpoint", type=Path, help="its HF checkpoint: adds ST predict")
+    parser.add_argument("--peer-checkpoint", type=Path, help="plain HF cross-encoder for the peers")
+    parser.add_argument("--peer-model", type=Path, help="its crossrank export (crossrank export)")
+    parser.add_argument("--infinity", action="store_true", help="add Infinity (its own venv)")
     parser.add_argument("--passages", type=Path, required=True)
     parser.add_argument("--queries", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--pairs", type=int, default=1000, help="pairs of the engine runs")
-    parser.add_argument("--requests", type=int, default=24, help="requests per load run")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=16, help="requests per load run (min)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--peer-max-clients", type=int, default=16, help="peers' top concurrency")
+    parser.add_argument("--loads", type=float, nargs="+", default=[0.25, 0.5, 0.75, 0.9])
+    parser.add_argument("--open-requests", type=int, default=30, help="per open-loop level")
+    parser.add_argument("--idle-repeats", type=int, default=5)
+    parser.add_argument("--fairness-repeats", type=int, default=3)
+    parser.add_argument("--memory-runs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        help="the model's Hugging Face checkpoint: adds sentence-transformers CrossEncoder.predict",
-    )
     parser.add_argument(
         "--shape",
         type=int,
@@ -117,124 +487,28 @@ def main() -> None:
         help="the encoder's shape, for the FLOP count (default: MiniLM-L6)",
     )
     args = parser.parse_args()
-
-    model = load_model_dir(args.model)
-    meta = model.metadata
-    workload = Workload(args.passages, args.queries, args.seed)
-    tokenizer = PairTokenizer(model.tokenizer_path, meta.max_query_tokens, meta.max_length)
-    request = workload.request(args.pairs)
-    pairs = tokenizer.encode(request.query, request.passages).pairs
-    shape = Shape(*args.shape)
-    mean_length = sum(p.length for p in pairs) / len(pairs)
-    lines = [
-        f"# crossrank benchmark ({time.strftime('%Y-%m-%d')})",
-        "",
-        f"Machine: {machine()}; {args.threads} threads. Model: {meta.name}. Workload: "
-        f"{args.pairs} pairs, mean {mean_length:.0f} tokens "
-        f"({pair_flops(round(mean_length), shape) / 1e9:.2f} GFLOP per pair at the mean).",
-        "",
-    ]
-
-    peak = matmul_peak(args.threads, shape)
-    lines += [
-        f"fp32 MatMul peak (onnxruntime, this run): **{peak:.0f} GFLOP/s**",
-        "",
-        "## Engine (bare onnxruntime session, max 4,096 padded tokens per batch)",
-        "",
-        "| variant | order | pairs/s | s per 1,000 pairs | padding eff. | GFLOP/s | % of peak |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    engine_best: dict[str, float] = {}
-    for variant in sorted(meta.variants):
-        if variant == "fp16":
-            continue  # fp16 is the GPU variant: CPUs emulate it
-        for sort in (False, True):
-            r = run_engine(
-                model,
-                variant,
-                pairs,
-                threads=args.threads,
-                batch_tokens=4096,
-                sort=sort,
-                shape=shape,
-            )
-            engine_best[variant] = max(engine_best.get(variant, 0.0), r.pairs_per_s)
-            lines.append(
-                f"| {variant} | {r.order} | {r.pairs_per_s:.1f} | {1000 / r.pairs_per_s:.1f} | "
-                f"{r.real_tokens / r.padded_tokens:.2f} | {r.gflops:.0f} | "
-                f"{100 * r.gflops / peak:.0f}% |"
-            )
-            print(lines[-1], flush=True)
-
-    if args.checkpoint:
-        st = sentence_transformers_predict(args.checkpoint, request.query, request.passages)
-        engine_best["sentence-transformers"] = st
-        lines.append(
-            f"| sentence-transformers CrossEncoder.predict (torch fp32, batch 32) | as given | "
-            f"{st:.1f} | {1000 / st:.1f} | | | |"
-        )
-        print(lines[-1], flush=True)
-
-    lines += [
-        "",
-        "## Service (closed loop over loopback, default settings)",
-        "",
-        "| settings | clients | passages/request | pairs/s | p50 s | p95 s | p99 s | RSS MB "
-        "| peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    configs = [("default", [])]
-    configs += [
-        ("no length sorting", ["--no-length-sorting"]),
-        ("max_batch_tokens 2048", ["--max-batch-tokens", "2048"]),
-        ("max_batch_tokens 8192", ["--max-batch-tokens", "8192"]),
-    ]
-    saturated = 0.0
-    for label, flags in configs:
-        server = Server(args.model, ["--threads", str(args.threads), *flags])
-        try:
-            levels = args.concurrency if label == "default" else [max(args.concurrency)]
-            for clients in levels:
-                reqs = [workload.request(100) for _ in range(args.requests)]
-                r = asyncio.run(closed_loop(server.url, reqs, clients))
-                rss, peak_rss = server.rss_mb()
-                if label == "default":
-                    saturated = max(saturated, r.pairs_per_s)
-                lines.append(
-                    f"| {label} | {clients} | 100 | {r.pairs_per_s:.1f} | {r.percentile(50):.2f} | "
-                    f"{r.percentile(95):.2f} | {r.percentile(99):.2f} | {rss:.0f} | "
-                    f"{peak_rss:.0f} |"
-                )
-                print(lines[-1], flush=True)
-            if label == "default":
-                idle, loaded = fairness(server.url, workload, repeats=3)
-        finally:
-            server.stop()
-    served = "int8" if "int8" in engine_best else "fp32"  # what `variant=auto` serves on CPU
-    ratio = saturated / engine_best[served]
-    lines += [
-        "",
-        "## Targets",
-        "",
-        f"- Saturated service throughput / best raw engine ({served}): "
-        f"{saturated:.1f} / {engine_best[served]:.1f} = **{ratio:.2f}** (target ≥ 0.95)",
-        f"- Fairness: a 10-passage request takes {idle:.2f} s idle and {loaded:.2f} s while a "
-        f"1,000-passage request runs: **{loaded / idle:.1f}x** (target ≤ 3x)",
-    ]
-    if "sentence-transformers" in engine_best:
-        speedup = saturated / engine_best["sentence-transformers"]
-        lines.append(
-            f"- crossrank service (saturated) / sentence-transformers predict: **{speedup:.1f}x** "
-            "(target >= 3x)"
-        )
-    if "int8" in engine_best and "fp32" in engine_best:
-        lines.append(
-            f"- int8 / fp32 engine pairs/s: **{engine_best['int8'] / engine_best['fp32']:.2f}x** "
-            "(target ≥ 2.5x)"
-        )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[-4:]))
+
+    workload = Workload(args.passages, args.queries, args.seed)
+    request = workload.requests(1, args.pairs, seed=args.seed)[0]
+    report = Report()
+    report.add(f"# crossrank benchmark ({time.strftime('%Y-%m-%d')})", "")
+    engine_section(args, report, request)
+    mean = report.figures["mean_length"]
+    shape = Shape(*args.shape)
+    report.lines.insert(
+        2,
+        f"Machine: {machine()}; {args.threads} threads. Workload: passages of {args.passages.name}"
+        f", queries of {args.queries.name}, seed {args.seed}; engine pairs: mean {mean:.0f} tokens "
+        f"({pair_flops(round(mean), shape) / 1e9:.2f} GFLOP per pair at the mean).\n",
+    )
+    systems_section(args, report, workload)
+    ablation_section(args, report, workload)
+    latency_section(args, report, workload)
+    memory_section(args, report, workload)
+    targets_section(args, report)
+    (args.out / "results.md").write_text("\n".join(report.lines) + "\n")
+    print(f"wrote {args.out / 'results.md'}")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,21 @@
-"""Service level: closed-loop clients against a real `crossrank serve` over loopback."""
+"""Service level: load against a real HTTP server over loopback.
+
+* :func:`closed_loop` — N clients, each sending its next request as soon as the last is answered:
+  the throughput a system sustains at a concurrency.
+* :func:`open_loop` — requests at Poisson arrival times at a fixed rate, whether or not earlier
+  ones are answered: latency as a function of offered load (a closed loop hides queueing delay).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +23,8 @@ import httpx
 import numpy as np
 
 from bench.workload import Request
+
+Body = Callable[[Request], dict]
 
 
 def free_port() -> int:
@@ -34,87 +42,146 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
-class Server:
-    """`crossrank serve` in a subprocess, ready when /ready says so."""
+@dataclass(frozen=True)
+class Target:
+    """Where and how to send a re-ranking request."""
 
-    def __init__(self, model: Path, flags: Sequence[str] = ()) -> None:
+    name: str
+    url: str
+    path: str
+    body: Body
+
+
+class Server:
+    """A server in a subprocess (its command gets the port appended by ``port_flag``), ready
+    when ``ready_path`` answers 200."""
+
+    def __init__(
+        self,
+        name: str,
+        command: Sequence[str],
+        *,
+        rerank_path: str,
+        body: Body,
+        ready_path: str,
+        env: dict[str, str] | None = None,
+        start_timeout_s: float = 600,
+    ) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.target = Target(name, f"http://127.0.0.1:{self.port}", rerank_path, body)
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "crossrank.cli",
-                "serve",
-                "--model",
-                str(model),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                *flags,
-            ],
+            [*command, str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            env={**os.environ},
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
         )
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + start_timeout_s
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"crossrank serve {' '.join(flags)} exited")
+                raise RuntimeError(f"{name} exited during start-up ({' '.join(command)})")
             try:
-                if httpx.get(self.url + "/ready").status_code == 200:
+                if httpx.get(self.target.url + ready_path).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError("server never became ready")
-            time.sleep(0.2)
+                self.stop()
+                raise TimeoutError(f"{name} never became ready")
+            time.sleep(0.5)
 
     def rss_mb(self) -> tuple[float, float]:
-        return rss_mb(self.process.pid)
+        """The server's RSS and peak RSS (MB), children included (e.g. a shell wrapper's)."""
+        pids = [self.process.pid]
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        if children.exists():
+            pids += [int(p) for p in children.read_text().split()]
+        sizes = [rss_mb(pid) for pid in pids]
+        return sum(s[0] for s in sizes), sum(s[1] for s in sizes)
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(60)
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 @dataclass(frozen=True)
 class LoadResult:
-    clients: int
-    passages: int
-    requests: int
+    pairs: int
     seconds: float
     latencies: list[float]
 
     @property
     def pairs_per_s(self) -> float:
-        return self.requests * self.passages / self.seconds
+        return self.pairs / self.seconds
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies, q))
 
 
-async def closed_loop(url: str, requests: Sequence[Request], clients: int) -> LoadResult:
-    """`clients` clients, each sending its next request as soon as the last is answered."""
-    queue: asyncio.Queue[Request] = asyncio.Queue()
-    for request in requests:
-        queue.put_nowait(request)
+async def _send(http: httpx.AsyncClient, target: Target, request: Request) -> float:
+    start = time.perf_counter()
+    response = await http.post(target.path, json=target.body(request))
+    response.raise_for_status()
+    return time.perf_counter() - start
+
+
+def _client(target: Target, connections: int) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(base_url=target.url, timeout=900, limits=limits)
+
+
+async def closed_loop(target: Target, requests: Sequence[Request], clients: int) -> LoadResult:
+    """``clients`` clients share ``requests``, each sending its next one when answered."""
+    pending = list(reversed(requests))
     latencies: list[float] = []
 
     async def client(http: httpx.AsyncClient) -> None:
-        while not queue.empty():
-            request = queue.get_nowait()
-            start = time.perf_counter()
-            response = await http.post(
-                "/rerank", json={"query": request.query, "passages": request.passages}
-            )
-            response.raise_for_status()
-            latencies.append(time.perf_counter() - start)
+        while pending:
+            latencies.append(await _send(http, target, pending.pop()))
 
-    limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+    async with _client(target, clients) as http:
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         seconds = time.perf_counter() - start
-    return LoadResult(clients, len(requests[0].passages), len(requests), seconds, latencies)
+    return LoadResult(sum(len(r.passages) for r in requests), seconds, latencies)
+
+
+async def open_loop(
+    target: Target, requests: Sequence[Request], rate: float, seed: int = 0
+) -> LoadResult:
+    """``requests`` sent at Poisson arrivals of ``rate`` per second; latency from arrival."""
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    for _ in requests:
+        t += rng.expovariate(rate)
+        arrivals.append(t)
+
+    async with _client(target, len(requests)) as http:
+        start = time.perf_counter()
+
+        async def one(at: float, request: Request) -> float:
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+            return await _send(http, target, request)
+
+        latencies = await asyncio.gather(
+            *(one(a, r) for a, r in zip(arrivals, requests, strict=True))
+        )
+        seconds = time.perf_counter() - start
+    return LoadResult(sum(len(r.passages) for r in requests), seconds, list(latencies))
+
+
+def latency(target: Target, request: Request) -> float:
+    """One request on its own."""
+    start = time.perf_counter()
+    httpx.post(target.url + target.path, json=target.body(request), timeout=900).raise_for_status()
+    return time.perf_counter() - start

@@ -45,3 +45,11 @@ class Workload:
 
     def request(self, n: int) -> Request:
         return Request(self.rng.choice(self.queries), self.rng.sample(self.passages, n))
+
+    def requests(self, count: int, n: int, seed: int) -> list[Request]:
+        """``count`` requests of ``n`` passages, the same for the same seed (whatever was drawn
+        before): every system in a comparison gets exactly the same load."""
+        rng = random.Random(seed)
+        return [
+            Request(rng.choice(self.queries), rng.sample(self.passages, n)) for _ in range(count)
+        ]

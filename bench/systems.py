@@ -1,0 +1,52 @@
+"""The systems under test, each started as its own server process on a free loopback port."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.service_bench import Server
+from bench.workload import Request
+
+PEERS = Path(__file__).parent / "peers"
+
+
+def _passages_body(request: Request) -> dict:
+    return {"query": request.query, "passages": request.passages}
+
+
+def _infinity_body(request: Request) -> dict:
+    # raw_scores: the logits, as crossrank returns with the identity activation.
+    return {"query": request.query, "documents": request.passages, "raw_scores": True}
+
+
+def crossrank(model: Path, threads: int, flags: Sequence[str] = (), name: str = "crossrank"):
+    command = [sys.executable, "-m", "crossrank.cli", "serve", "--model", str(model)]
+    command += ["--host", "127.0.0.1", "--threads", str(threads), *flags, "--port"]
+    return Server(name, command, rerank_path="/rerank", body=_passages_body, ready_path="/ready")
+
+
+def st_api(checkpoint: Path, threads: int) -> Server:
+    """sentence-transformers CrossEncoder.predict behind a minimal FastAPI endpoint."""
+    command = [sys.executable, "-m", "bench.peers.st_api", str(checkpoint), str(threads)]
+    return Server(
+        "sentence-transformers + FastAPI",
+        command,
+        rerank_path="/rerank",
+        body=_passages_body,
+        ready_path="/ready",
+    )
+
+
+def infinity(checkpoint: Path, threads: int) -> Server:
+    """Infinity (infinity-emb, its own venv: bench/peers/infinity_setup.sh) on the checkpoint."""
+    command = ["bash", str(PEERS / "infinity_serve.sh"), str(checkpoint)]
+    return Server(
+        "Infinity",
+        command,
+        rerank_path="/rerank",
+        body=_infinity_body,
+        ready_path="/health",
+        env={"OMP_NUM_THREADS": str(threads)},
+    )
