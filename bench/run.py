@@ -408,6 +408,17 @@ def targets_section(args: argparse.Namespace, report: Report) -> None:
                 f"- int8 / fp32 pairs/s, {label} model: {int8 / fp32:.2f}x (target ≥ 2.5x): "
                 f"{verdict(int8 / fp32 >= 2.5)}"
             )
+    training = load_model_dir(args.model).metadata.training
+    agreement = training.get("export", {}).get("agreement", {}).get("int8")
+    if agreement:
+        # Measured by `crossrank export` on the eval set it was given (its ranking-agreement gate).
+        out.append(
+            f"- int8 vs fp32 ranking agreement, default model "
+            f"({training.get('export_sample', '')}): "
+            f"top-10 overlap {agreement['top10_overlap']:.3f}, Kendall τ "
+            f"{agreement['kendall_tau']:.3f} (target overlap ≥ 0.9): "
+            f"{verdict(agreement['top10_overlap'] >= 0.9)}"
+        )
     for peer in ("sentence-transformers + FastAPI", "Infinity"):
         for clients in args.concurrency:
             ours = f.get(f"closed/crossrank, plain (int8)/{clients}")
