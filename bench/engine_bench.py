@@ -15,6 +15,7 @@ with the same threads.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -93,7 +94,10 @@ def run_engine(
     batch_tokens: int,
     sort: bool,
     shape: Shape,
+    repeats: int = 1,
 ) -> EngineResult:
+    """The pairs in batches of at most ``batch_tokens`` padded tokens; the median of ``repeats``
+    timed passes (the machine is shared: one pass can be off by 20%)."""
     engine = OnnxEngine(
         model.variant_path(variant), plan_session("cpu", ["CPUExecutionProvider"], threads=threads)
     )
@@ -107,10 +111,13 @@ def run_engine(
         current.append(pair)
     batches.append(pad_pairs(current))
     engine.run(batches[0])  # warm
-    start = time.perf_counter()
-    for batch in batches:
-        engine.run(batch)
-    seconds = time.perf_counter() - start
+    passes = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for batch in batches:
+            engine.run(batch)
+        passes.append(time.perf_counter() - start)
+    seconds = statistics.median(passes)
     flops = sum(pair_flops(p.length, shape) for p in pairs)
     return EngineResult(
         variant,

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -119,6 +119,7 @@ class LoadResult:
     pairs: int
     seconds: float
     latencies: list[float]
+    refusals: int  # 503s answered with Retry-After, then retried (latency counts from the first)
 
     @property
     def pairs_per_s(self) -> float:
@@ -128,11 +129,24 @@ class LoadResult:
         return float(np.percentile(self.latencies, q))
 
 
-async def _send(http: httpx.AsyncClient, target: Target, request: Request) -> float:
+@dataclass
+class _Sent:
+    latencies: list[float] = field(default_factory=list)
+    refusals: int = 0
+
+
+async def _send(http: httpx.AsyncClient, target: Target, request: Request, sent: _Sent) -> None:
+    """One request, retried as a well-behaved client does when refused with 503 + Retry-After."""
     start = time.perf_counter()
-    response = await http.post(target.path, json=target.body(request))
-    response.raise_for_status()
-    return time.perf_counter() - start
+    while True:
+        response = await http.post(target.path, json=target.body(request))
+        if response.status_code == 503 and "retry-after" in response.headers:
+            sent.refusals += 1
+            await asyncio.sleep(float(response.headers["retry-after"]))
+            continue
+        response.raise_for_status()
+        sent.latencies.append(time.perf_counter() - start)
+        return
 
 
 def _client(target: Target, connections: int) -> httpx.AsyncClient:
@@ -143,17 +157,18 @@ def _client(target: Target, connections: int) -> httpx.AsyncClient:
 async def closed_loop(target: Target, requests: Sequence[Request], clients: int) -> LoadResult:
     """``clients`` clients share ``requests``, each sending its next one when answered."""
     pending = list(reversed(requests))
-    latencies: list[float] = []
+    sent = _Sent()
 
     async def client(http: httpx.AsyncClient) -> None:
         while pending:
-            latencies.append(await _send(http, target, pending.pop()))
+            await _send(http, target, pending.pop(), sent)
 
     async with _client(target, clients) as http:
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         seconds = time.perf_counter() - start
-    return LoadResult(sum(len(r.passages) for r in requests), seconds, latencies)
+    pairs = sum(len(r.passages) for r in requests)
+    return LoadResult(pairs, seconds, sent.latencies, sent.refusals)
 
 
 async def open_loop(
@@ -161,6 +176,7 @@ async def open_loop(
 ) -> LoadResult:
     """``requests`` sent at Poisson arrivals of ``rate`` per second; latency from arrival."""
     rng = random.Random(seed)
+    sent = _Sent()
     arrivals, t = [], 0.0
     for _ in requests:
         t += rng.expovariate(rate)
@@ -169,15 +185,14 @@ async def open_loop(
     async with _client(target, len(requests)) as http:
         start = time.perf_counter()
 
-        async def one(at: float, request: Request) -> float:
+        async def one(at: float, request: Request) -> None:
             await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
-            return await _send(http, target, request)
+            await _send(http, target, request, sent)
 
-        latencies = await asyncio.gather(
-            *(one(a, r) for a, r in zip(arrivals, requests, strict=True))
-        )
+        await asyncio.gather(*(one(a, r) for a, r in zip(arrivals, requests, strict=True)))
         seconds = time.perf_counter() - start
-    return LoadResult(sum(len(r.passages) for r in requests), seconds, list(latencies))
+    pairs = sum(len(r.passages) for r in requests)
+    return LoadResult(pairs, seconds, sent.latencies, sent.refusals)
 
 
 def latency(target: Target, request: Request) -> float:
