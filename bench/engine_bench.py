@@ -95,12 +95,12 @@ def run_engine(
     sort: bool,
     shape: Shape,
     repeats: int = 1,
+    device: str = "cpu",
 ) -> EngineResult:
     """The pairs in batches of at most ``batch_tokens`` padded tokens; the median of ``repeats``
     timed passes (the machine is shared: one pass can be off by 20%)."""
-    engine = OnnxEngine(
-        model.variant_path(variant), plan_session("cpu", ["CPUExecutionProvider"], threads=threads)
-    )
+    plan = plan_session(device, ort.get_available_providers(), threads=threads)
+    engine = OnnxEngine(model.variant_path(variant), plan)
     order = sorted(pairs, key=lambda p: -p.length) if sort else list(pairs)
     batches, current = [], []
     for pair in order:

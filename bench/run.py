@@ -34,8 +34,12 @@ from crossrank.model_dir import ModelDir, load_model_dir
 from crossrank.scheduling import AUTO_BATCH_TOKENS
 from crossrank.tokenization import EncodedPair, PairTokenizer
 
-CPU_BATCH_TOKENS = AUTO_BATCH_TOKENS["cpu"]
-SWEEP_BATCH_TOKENS = (512, 1024, 2048, 4096, 8192)
+SWEEP_BATCH_TOKENS = {
+    "cpu": (512, 1024, 2048, 4096, 8192),
+    "cuda": (4096, 8192, 16384, 32768, 65536),
+}
+# What a device serves by default (variant auto), and what else the engine section measures.
+VARIANTS = {"cpu": ("fp32", "int8"), "cuda": ("fp32", "fp16")}
 
 
 def machine() -> str:
@@ -103,7 +107,9 @@ def tokenize(model: ModelDir, request: Request) -> list[EncodedPair]:
     return tokenizer.encode(request.query, request.passages).pairs
 
 
-def sentence_transformers_predict(checkpoint: Path, request: Request, threads: int) -> float:
+def sentence_transformers_predict(
+    checkpoint: Path, request: Request, threads: int, device: str
+) -> float:
     """Pairs/s of what most users run: CrossEncoder.predict (torch fp32) on the same pairs."""
     import torch
     from sentence_transformers import CrossEncoder
@@ -111,7 +117,7 @@ def sentence_transformers_predict(checkpoint: Path, request: Request, threads: i
     import crossrank_train.gated_bert  # noqa: F401  (registers the gated architecture)
 
     torch.set_num_threads(threads)
-    model = CrossEncoder(str(checkpoint), device="cpu", local_files_only=True, max_length=256)
+    model = CrossEncoder(str(checkpoint), device=device, local_files_only=True, max_length=256)
     # A crossrank training checkpoint ships tokenizer.json alone, which names no padding token
     # and no model inputs; the gated model needs the segment ids.
     model.tokenizer.pad_token = model.tokenizer.pad_token or "[PAD]"
@@ -125,14 +131,15 @@ def sentence_transformers_predict(checkpoint: Path, request: Request, threads: i
 
 def engine_section(args: argparse.Namespace, report: Report, request: Request) -> None:
     shape = Shape(*args.shape)
-    peak = matmul_peak(args.threads, shape)
+    # A GPU's roofline is its datasheet rate (bench/README.md, "GPU"); a CPU's is measured.
+    peak = args.gpu_peak_tflops * 1e3 if args.device == "cuda" else matmul_peak(args.threads, shape)
     report.figures["peak"] = peak
     report.add(f"fp32 MatMul peak (onnxruntime, this run): **{peak:.0f} GFLOP/s**", "")
     report.add(
         "## Engine: the bare onnxruntime session",
         "",
-        f"{len(request.passages)} pairs, batches of at most {CPU_BATCH_TOKENS} padded tokens "
-        "(the CPU default), in arrival order and length-sorted; median of "
+        f"{len(request.passages)} pairs, batches of at most {args.batch_tokens} padded tokens "
+        f"(the {args.device} default), in arrival order and length-sorted; median of "
         f"{args.repeats} passes. GFLOP/s count real tokens only.",
     )
     report.table(
@@ -143,7 +150,7 @@ def engine_section(args: argparse.Namespace, report: Report, request: Request) -
         models["plain"] = load_model_dir(args.peer_model)
     for label, model in models.items():
         pairs = tokenize(model, request)
-        for variant in ("fp32", "int8"):
+        for variant in VARIANTS[args.device]:
             if variant not in model.metadata.variants:
                 continue
             for sort in (False, True):
@@ -152,10 +159,11 @@ def engine_section(args: argparse.Namespace, report: Report, request: Request) -
                     variant,
                     pairs,
                     threads=args.threads,
-                    batch_tokens=CPU_BATCH_TOKENS,
+                    batch_tokens=args.batch_tokens,
                     sort=sort,
                     shape=shape,
                     repeats=args.repeats,
+                    device=args.device,
                 )
                 report.figures[f"engine/{label}/{variant}/{r.order}"] = r.pairs_per_s
                 report.figures[f"gflops/{label}/{variant}/{r.order}"] = r.gflops
@@ -177,33 +185,34 @@ def engine_section(args: argparse.Namespace, report: Report, request: Request) -
         )
         for label, checkpoint in (("default", args.checkpoint), ("plain", args.peer_checkpoint)):
             if checkpoint:
-                st = sentence_transformers_predict(checkpoint, request, args.threads)
+                st = sentence_transformers_predict(checkpoint, request, args.threads, args.device)
                 report.figures[f"st_predict/{label}"] = st
                 report.row(f"{label} model ({checkpoint.name})", f"{st:.1f}")
 
     report.add(
         "",
-        "### Batch size sweep (length-sorted, int8)",
+        f"### Batch size sweep (length-sorted, {args.served})",
         "",
         f"Pairs/s by the padded-token budget per batch (median of {args.repeats} passes): where "
         "the CPU default comes from.",
     )
-    report.table(["model", *(str(t) for t in SWEEP_BATCH_TOKENS)])
+    report.table(["model", *(str(t) for t in SWEEP_BATCH_TOKENS[args.device])])
     for model in models.values():
-        if "int8" not in model.metadata.variants:
+        if args.served not in model.metadata.variants:
             continue
         pairs = tokenize(model, request)
         cells = []
-        for tokens in SWEEP_BATCH_TOKENS:
+        for tokens in SWEEP_BATCH_TOKENS[args.device]:
             r = run_engine(
                 model,
-                "int8",
+                args.served,
                 pairs,
                 threads=args.threads,
                 batch_tokens=tokens,
                 sort=True,
                 shape=shape,
                 repeats=args.repeats,
+                device=args.device,
             )
             cells.append(f"{r.pairs_per_s:.1f}")
         report.row(model.metadata.name, *cells)
@@ -239,17 +248,18 @@ def systems_section(args: argparse.Namespace, report: Report, workload: Workload
     report.table(LOAD_HEADER)
     series: dict[str, dict[int, float]] = {}
     t = args.threads
-    series["crossrank, default model (int8)"] = closed_loop_runs(
+    ours = f"crossrank, default model ({args.served})"
+    series[ours] = closed_loop_runs(
         report,
-        "crossrank, default model (int8)",
-        lambda: systems.crossrank(args.model, t),
+        ours,
+        lambda: systems.crossrank(args.model, t, device=args.device),
         workload,
         args,
         args.concurrency,
     )
     # The raw engine on exactly the pairs of the saturated level, globally length-sorted: the
     # upper bound the service's batching is compared against.
-    best = max(series["crossrank, default model (int8)"].items(), key=lambda kv: kv[1])[0]
+    best = max(series[ours].items(), key=lambda kv: kv[1])[0]
     model = load_model_dir(args.model)
     pairs = [
         p
@@ -258,23 +268,24 @@ def systems_section(args: argparse.Namespace, report: Report, workload: Workload
     ]
     same = run_engine(
         model,
-        "int8",
+        args.served,
         pairs,
         threads=t,
-        batch_tokens=CPU_BATCH_TOKENS,
+        batch_tokens=args.batch_tokens,
         sort=True,
         shape=Shape(*args.shape),
         repeats=args.repeats,
+        device=args.device,
     )
     report.figures["engine_same_pairs"] = same.pairs_per_s
     report.figures["saturated_clients"] = best
     peer_levels = [c for c in args.concurrency if c <= args.peer_max_clients]
     if args.peer_model:
-        label = "crossrank, plain (int8)"
+        label = f"crossrank, plain ({args.served})"
         series[label] = closed_loop_runs(
             report,
             label,
-            lambda: systems.crossrank(args.peer_model, t),
+            lambda: systems.crossrank(args.peer_model, t, device=args.device),
             workload,
             args,
             peer_levels,
@@ -284,17 +295,17 @@ def systems_section(args: argparse.Namespace, report: Report, workload: Workload
         series[label] = closed_loop_runs(
             report,
             label,
-            lambda: systems.st_api(args.peer_checkpoint, t),
+            lambda: systems.st_api(args.peer_checkpoint, t, args.device),
             workload,
             args,
             peer_levels,
         )
         if args.infinity:
-            label = "Infinity, plain (fp32)"
+            label = f"Infinity, plain ({'fp16' if args.device == 'cuda' else 'fp32'})"
             series[label] = closed_loop_runs(
                 report,
                 label,
-                lambda: systems.infinity(args.peer_checkpoint, t),
+                lambda: systems.infinity(args.peer_checkpoint, t, args.device),
                 workload,
                 args,
                 peer_levels,
@@ -323,11 +334,25 @@ def ablation_section(args: argparse.Namespace, report: Report, workload: Workloa
         closed_loop_runs(
             report,
             label,
-            lambda flags=flags: systems.crossrank(args.model, args.threads, flags),
+            lambda flags=flags: systems.crossrank(args.model, args.threads, flags, args.device),
             workload,
             args,
             [clients],
         )
+
+
+# (passages per request, clients, requests): short and long requests next to the 100-passage runs.
+SIZES = ((10, 1, 32), (10, 16, 64), (1000, 1, 2), (1000, 2, 2))
+
+
+def sizes_section(args: argparse.Namespace, report: Report, workload: Workload) -> None:
+    report.add("", f"## Request sizes (crossrank, default model, {args.served})")
+    report.table(["passages/request", *LOAD_HEADER[1:]])
+    with systems.crossrank(args.model, args.threads, device=args.device) as server:
+        for size, clients, count in SIZES:
+            reqs = workload.requests(count, size, seed=args.seed + size + clients)
+            r = asyncio.run(closed_loop(server.target, reqs, clients))
+            load_row(report, str(size), clients, r, server)
 
 
 def fairness(server: Server, workload: Workload, repeats: int) -> tuple[float, float]:
@@ -354,7 +379,7 @@ def fairness(server: Server, workload: Workload, repeats: int) -> tuple[float, f
 
 def latency_section(args: argparse.Namespace, report: Report, workload: Workload) -> None:
     saturated = max(v for k, v in report.figures.items() if k.startswith("closed/crossrank, def"))
-    with systems.crossrank(args.model, args.threads) as server:
+    with systems.crossrank(args.model, args.threads, device=args.device) as server:
         idle = statistics.median(
             latency(server.target, r) for r in workload.requests(args.idle_repeats, 100, seed=3)
         )
@@ -408,7 +433,7 @@ def memory_section(args: argparse.Namespace, report: Report, workload: Workload)
     )
     report.table(["run", "RSS MB", "peak RSS MB"])
     rss_after = []
-    with systems.crossrank(args.model, args.threads) as server:
+    with systems.crossrank(args.model, args.threads, device=args.device) as server:
         for run in range(args.memory_runs):
             reqs = [r for n in (10, 100, 1000) for r in workload.requests(3, n, seed=10 + run)]
             asyncio.run(closed_loop(server.target, reqs, 16))
@@ -460,18 +485,18 @@ def targets_section(args: argparse.Namespace, report: Report) -> None:
             f"{agreement['kendall_tau']:.3f} (target overlap ≥ 0.9): "
             f"{verdict(agreement['top10_overlap'] >= 0.9)}"
         )
-    for peer in ("sentence-transformers + FastAPI", "Infinity"):
-        for clients in args.concurrency:
-            ours = f.get(f"closed/crossrank, plain (int8)/{clients}")
-            theirs = f.get(f"closed/{peer}, plain (fp32)/{clients}")
-            if ours and theirs:
-                out.append(
-                    f"- crossrank / {peer} at {clients} clients (same plain model, default CPU "
-                    f"configuration): {ours:.1f} / {theirs:.1f} = {ours / theirs:.1f}x "
-                    f"(target ≥ 3x): {verdict(ours / theirs >= 3)}"
-                )
+    peers = [k for k in f if k.startswith("closed/") and not k.startswith("closed/crossrank")]
+    for key in peers:
+        peer, clients = key.removeprefix("closed/").rsplit("/", 1)
+        ours, theirs = f.get(f"closed/crossrank, plain ({args.served})/{clients}"), f[key]
+        if ours:
+            out.append(
+                f"- crossrank / {peer} at {clients} clients (same plain model, default "
+                f"{args.device} configuration): {ours:.1f} / {theirs:.1f} = {ours / theirs:.1f}x "
+                f"(target ≥ 3x): {verdict(ours / theirs >= 3)}"
+            )
     st = f.get("st_predict/plain")
-    ours = f.get("engine/plain/int8/length-sorted")
+    ours = f.get(f"engine/plain/{args.served}/length-sorted")
     if st and ours:
         out.append(
             f"- crossrank engine / CrossEncoder.predict, plain model: {ours:.1f} / {st:.1f} = "
@@ -492,7 +517,9 @@ def targets_section(args: argparse.Namespace, report: Report) -> None:
             f"{verdict(ratio <= 3)}"
         )
     peaks = {k.split("/", 1)[1]: v for k, v in f.items() if k.startswith("peak_rss/")}
-    heaviest = max(v for k, v in peaks.items() if "crossrank" in k or "max_" in k or "def" in k)
+    heaviest = max(
+        v for k, v in peaks.items() if not k.startswith(("sentence-transformers", "Infinity"))
+    )
     out.append(
         f"- Peak RSS of crossrank under the heaviest load run: {heaviest:.0f} MB (target ≤ 1,500 "
         f"MB): {verdict(heaviest <= 1500)}"
@@ -521,6 +548,12 @@ def main() -> None:
     parser.add_argument("--queries", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where every system runs"
+    )
+    parser.add_argument(
+        "--gpu-peak-tflops", type=float, default=800, help="the roofline on cuda (H100 fp16)"
+    )
     parser.add_argument("--pairs", type=int, default=1000, help="pairs of the engine runs")
     parser.add_argument("--repeats", type=int, default=3, help="engine passes (median)")
     parser.add_argument("--requests", type=int, default=16, help="requests per load run (min)")
@@ -541,6 +574,8 @@ def main() -> None:
         help="the encoder's shape, for the FLOP count (default: MiniLM-L6)",
     )
     args = parser.parse_args()
+    args.batch_tokens = AUTO_BATCH_TOKENS[args.device]
+    args.served = VARIANTS[args.device][-1]
     args.out.mkdir(parents=True, exist_ok=True)
 
     workload = Workload(args.passages, args.queries, args.seed)
@@ -557,6 +592,7 @@ def main() -> None:
         f"({pair_flops(round(mean), shape) / 1e9:.2f} GFLOP per pair at the mean).\n",
     )
     systems_section(args, report, workload)
+    sizes_section(args, report, workload)
     ablation_section(args, report, workload)
     latency_section(args, report, workload)
     memory_section(args, report, workload)

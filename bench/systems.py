@@ -21,15 +21,18 @@ def _infinity_body(request: Request) -> dict:
     return {"query": request.query, "documents": request.passages, "raw_scores": True}
 
 
-def crossrank(model: Path, threads: int, flags: Sequence[str] = (), name: str = "crossrank"):
+def crossrank(model: Path, threads: int, flags: Sequence[str] = (), device: str = "cpu") -> Server:
     command = [sys.executable, "-m", "crossrank.cli", "serve", "--model", str(model)]
-    command += ["--host", "127.0.0.1", "--threads", str(threads), *flags, "--port"]
-    return Server(name, command, rerank_path="/rerank", body=_passages_body, ready_path="/ready")
+    command += ["--host", "127.0.0.1", "--threads", str(threads), "--device", device]
+    command += [*flags, "--port"]
+    return Server(
+        "crossrank", command, rerank_path="/rerank", body=_passages_body, ready_path="/ready"
+    )
 
 
-def st_api(checkpoint: Path, threads: int) -> Server:
+def st_api(checkpoint: Path, threads: int, device: str = "cpu") -> Server:
     """sentence-transformers CrossEncoder.predict behind a minimal FastAPI endpoint."""
-    command = [sys.executable, "-m", "bench.peers.st_api", str(checkpoint), str(threads)]
+    command = [sys.executable, "-m", "bench.peers.st_api", str(checkpoint), str(threads), device]
     return Server(
         "sentence-transformers + FastAPI",
         command,
@@ -39,7 +42,7 @@ def st_api(checkpoint: Path, threads: int) -> Server:
     )
 
 
-def infinity(checkpoint: Path, threads: int) -> Server:
+def infinity(checkpoint: Path, threads: int, device: str = "cpu") -> Server:
     """Infinity (infinity-emb, its own venv: bench/peers/infinity_setup.sh) on the checkpoint."""
     command = ["bash", str(PEERS / "infinity_serve.sh"), str(checkpoint)]
     return Server(
@@ -48,5 +51,10 @@ def infinity(checkpoint: Path, threads: int) -> Server:
         rerank_path="/rerank",
         body=_infinity_body,
         ready_path="/health",
-        env={"OMP_NUM_THREADS": str(threads)},
+        # On a GPU Infinity runs fp16, as crossrank's fp16 variant does.
+        env={
+            "OMP_NUM_THREADS": str(threads),
+            "INFINITY_PEER_DEVICE": device,
+            "INFINITY_PEER_DTYPE": "float16" if device == "cuda" else "float32",
+        },
     )

@@ -4,7 +4,7 @@
 # Usage: bench/peers/infinity_serve.sh MODEL_DIR PORT [extra infinity_emb v2 flags...]
 # Ready when GET http://HOST:PORT/health answers 200 (the port opens only after the model is loaded).
 # Rerank: POST /rerank {"query": str, "documents": [str], "raw_scores": bool, "top_n": int?}
-# Env knobs: INFINITY_PEER_HOST (127.0.0.1), OMP_NUM_THREADS (2), INFINITY_PEER_BATCH_SIZE (32),
+# Env knobs: INFINITY_PEER_DEVICE (cpu), INFINITY_PEER_DTYPE (float32), INFINITY_PEER_HOST (127.0.0.1), OMP_NUM_THREADS (2), INFINITY_PEER_BATCH_SIZE (32),
 #            INFINITY_PEER_WARMUP (0; 1 runs Infinity's startup warm-up, ~25 s on 2 cores and
 #            a ~16k-token batch that inflates peak RSS).
 set -euo pipefail
@@ -39,8 +39,8 @@ exec "$VENV/bin/infinity_emb" v2 \
     --model-id "$MODEL_DIR" \
     --served-model-name "$(basename "$MODEL_DIR")" \
     --engine torch \
-    --device cpu \
-    --dtype float32 \
+    --device "${INFINITY_PEER_DEVICE:-cpu}" \
+    --dtype "${INFINITY_PEER_DTYPE:-float32}" \
     --batch-size "${INFINITY_PEER_BATCH_SIZE:-32}" \
     --no-bettertransformer \
     --no-compile \

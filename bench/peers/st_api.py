@@ -2,7 +2,7 @@
 endpoint, one request at a time (no batching across requests), same request body as crossrank's
 ``/rerank``.
 
-    python -m bench.peers.st_api CHECKPOINT THREADS PORT
+    python -m bench.peers.st_api CHECKPOINT THREADS DEVICE PORT
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ class RerankRequest(BaseModel):
     passages: list[str]
 
 
-def create_app(checkpoint: str) -> FastAPI:
-    model = CrossEncoder(checkpoint, device="cpu", local_files_only=True, max_length=256)
+def create_app(checkpoint: str, device: str) -> FastAPI:
+    model = CrossEncoder(checkpoint, device=device, local_files_only=True, max_length=256)
     # One predict at a time: concurrent ones would each ask torch for every core.
     lock = threading.Lock()
     app = FastAPI()
@@ -43,9 +43,9 @@ def create_app(checkpoint: str) -> FastAPI:
 
 
 def main() -> None:
-    checkpoint, threads, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    checkpoint, threads, device, port = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     torch.set_num_threads(threads)
-    uvicorn.run(create_app(checkpoint), host="127.0.0.1", port=port, log_level="warning")
+    uvicorn.run(create_app(checkpoint, device), host="127.0.0.1", port=port, log_level="warning")
 
 
 if __name__ == "__main__":
