@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The dense-negatives experiment (not shipped): the default model's recipe with negatives mined by
+# the all-MiniLM-L6-v2 bi-encoder itself and 7 per group. Step 200 of 600 (the session ran out of
+# time there) is what README.md "The default model" reports; export/eval take that checkpoint.
+# Usage: training/recipes/dense_negatives.sh DATA_DIR WORK_DIR [STEP...]
+#   DATA_DIR: the shared relevance data (../shared/data from the project root)
+#   WORK_DIR: where mined groups, checkpoints and reports go (not the repo: it is large)
+#   STEP: any of init mine mix train export eval (default: all, in that order)
+set -euo pipefail
+DATA=${1:?DATA_DIR}; WORK=${2:?WORK_DIR}; shift 2
+STEPS=${*:-init mine mix train export eval}
+CR=${CROSSRANK:-crossrank}
+PY=${PYTHON:-python}
+mkdir -p "$WORK/groups"
+
+for step in $STEPS; do case $step in
+init)  # the segment-gated cross-encoder, equal to the all-MiniLM-L6-v2 bi-encoder at step 0
+  $PY -m crossrank_train.gated_bert --out "$WORK/init" ;;
+mine)  # 7 negatives per positive: hits of the all-MiniLM-L6-v2 bi-encoder at ranks 3-30 where a
+  # corpus is small enough to embed here (the mistakes the cross-attention must fix), BM25 ranks
+  # 10-100 elsewhere; 1 random passage each
+  DENSE="--retriever bi-encoder --window 3 30"
+  $CR mine --pairs "$DATA/nq-qed/train.jsonl.gz" $DENSE --negatives 7 --out "$WORK/groups/nq.jsonl"
+  $CR mine --queries "$DATA/scifact/queries.jsonl" --qrels "$DATA/scifact/qrels/train.tsv" \
+    --corpus "$DATA/scifact/corpus.jsonl.gz" $DENSE --negatives 7 --out "$WORK/groups/scifact.jsonl"
+  $CR mine --queries "$DATA/nfcorpus/train.titles.preprocessed.queries.tsv" \
+    --qrels "$DATA/nfcorpus/qrels/train.tsv" --corpus "$DATA/nfcorpus/corpus_preprocessed.jsonl.gz" \
+    --min-grade 2 $DENSE --negatives 7 --out "$WORK/groups/nfcorpus.jsonl"
+  $CR mine --wikiqa "$DATA/wikiqa/train.tsv" $DENSE --negatives 7 --out "$WORK/groups/wikiqa.jsonl"
+  $CR mine --pairs "$DATA/squad-v1.1/train.jsonl.gz" --corpus "$DATA/squad-v1.1/corpus_train.jsonl.gz" \
+    --max-queries 6000 --negatives 7 --out "$WORK/groups/squad.jsonl"
+  $CR mine --pairs "$DATA/medquad/medquad.jsonl.gz" --max-queries 3000 --negatives 7 \
+    --out "$WORK/groups/medquad.jsonl" ;;
+mix)   # de-duplicated, at most 2 groups per query, capped per source, shuffled; web-like NQ first
+  $PY -m crossrank_train.mix --out "$WORK/groups/mix.jsonl" --max-per-query 2 \
+    "$WORK/groups/nq.jsonl:6000" "$WORK/groups/squad.jsonl:2000" "$WORK/groups/medquad.jsonl:1000" \
+    "$WORK/groups/scifact.jsonl:900" "$WORK/groups/nfcorpus.jsonl:1500" "$WORK/groups/wikiqa.jsonl:800" ;;
+train)
+  $CR train --model "$WORK/init" --groups "$WORK/groups/mix.jsonl" --out "$WORK/train" \
+    --loss lce --negatives 7 --batch-groups 4 --accumulation 2 --steps 600 --lr 2e-5 --head-lr 2e-3 \
+    --max-length 192 --bf16 --save-every 50 ${RESUME:-} ;;
+export)
+  $CR export --model "$WORK/train/checkpoints/step-000200/model" --out "$WORK/model-full" \
+    --name crossrank-minilm-l6 --variants fp32 int8 fp16 --max-length 256 \
+    --eval-queries "$DATA/trec-dl-2021/queries.tsv" --eval-qrels "$DATA/trec-dl-2021/qrels.txt" \
+    --eval-corpus "$DATA/trec-dl-2021/passages.jsonl.gz" --eval-run "$DATA/trec-dl-2021/runs/BM25.top100.run" ;;
+eval)
+  $CR eval --queries "$DATA/trec-dl-2021/queries.tsv" --qrels "$DATA/trec-dl-2021/qrels.txt" \
+    --corpus "$DATA/trec-dl-2021/passages.jsonl.gz" --run "$DATA/trec-dl-2021/runs/BM25.top100.run" \
+    --model "$WORK/model-full" --out "$WORK/eval-trec-dl-2021.json"
+  $CR eval --queries "$DATA/scifact/queries.jsonl" --qrels "$DATA/scifact/qrels/test.tsv" \
+    --corpus "$DATA/scifact/corpus.jsonl.gz" --max-queries 100 --depth 50 \
+    --model "$WORK/model-full" --out "$WORK/eval-scifact-test-100q.json" ;;
+*) echo "unknown step $step" >&2; exit 2 ;;
+esac; done
