@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from crossrank.collate import pad_pairs
+from crossrank.collate import PaddedBatch, pad_pairs
 from crossrank.engine import OnnxEngine, plan_session
 from crossrank.model_dir import ModelDir
 from crossrank.tokenization import EncodedPair
@@ -85,6 +85,21 @@ class EngineResult:
         return self.pairs / self.seconds
 
 
+def make_batches(pairs: Sequence[EncodedPair], batch_tokens: int, sort: bool) -> list[PaddedBatch]:
+    """Consecutive pairs (longest first when ``sort``) in padded batches of at most
+    ``batch_tokens`` tokens: a bare loop over the session, without the service's scheduler."""
+    order = sorted(pairs, key=lambda p: -p.length) if sort else list(pairs)
+    batches, current = [], []
+    for pair in order:
+        padded = max([p.length for p in current] + [pair.length]) * (len(current) + 1)
+        if current and padded > batch_tokens:
+            batches.append(pad_pairs(current))
+            current = []
+        current.append(pair)
+    batches.append(pad_pairs(current))
+    return batches
+
+
 def run_engine(
     model: ModelDir,
     variant: str,
@@ -101,15 +116,7 @@ def run_engine(
     timed passes (the machine is shared: one pass can be off by 20%)."""
     plan = plan_session(device, ort.get_available_providers(), threads=threads)
     engine = OnnxEngine(model.variant_path(variant), plan)
-    order = sorted(pairs, key=lambda p: -p.length) if sort else list(pairs)
-    batches, current = [], []
-    for pair in order:
-        padded = max([p.length for p in current] + [pair.length]) * (len(current) + 1)
-        if current and padded > batch_tokens:
-            batches.append(pad_pairs(current))
-            current = []
-        current.append(pair)
-    batches.append(pad_pairs(current))
+    batches = make_batches(pairs, batch_tokens, sort)
     engine.run(batches[0])  # warm
     passes = []
     for _ in range(repeats):

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from bench.engine_bench import make_batches
 from bench.workload import Workload
-from crossrank.collate import pad_pairs
 from crossrank.engine import CPU, plan_session
 from crossrank.model_dir import load_model_dir
 from crossrank.scheduling import AUTO_BATCH_TOKENS
@@ -73,15 +73,9 @@ def main() -> None:
     meta = model.metadata
     tokenizer = PairTokenizer(model.tokenizer_path, meta.max_query_tokens, meta.max_length)
     request = Workload(args.passages, args.queries).requests(1, args.pairs, seed=0)[0]
-    pairs = sorted(tokenizer.encode(request.query, request.passages).pairs, key=lambda p: -p.length)
     budget = AUTO_BATCH_TOKENS["cpu"]
-    batches, current = [], []
-    for pair in pairs:
-        if current and current[0].length * (len(current) + 1) > budget:
-            batches.append(pad_pairs(current))
-            current = []
-        current.append(pair)
-    batches.append(pad_pairs(current))
+    pairs = tokenizer.encode(request.query, request.passages).pairs
+    batches = make_batches(pairs, budget, sort=True)
 
     lines = [f"# Operator time by type ({meta.name}, {args.pairs} pairs, {budget}-token batches)"]
     for variant in args.variants:

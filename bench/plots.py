@@ -19,12 +19,7 @@ def throughput_vs_concurrency(series: dict[str, dict[int, float]], out: Path) ->
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent clients (closed loop, 100-passage requests)")
     ax.set_ylabel("pairs/s")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, out)
 
 
 def latency_vs_load(rows: list[tuple[float, float, float, float]], idle: float, out: Path) -> None:
@@ -37,6 +32,10 @@ def latency_vs_load(rows: list[tuple[float, float, float, float]], idle: float, 
     ax.axhline(2 * idle, color="grey", linestyle=":", label="2x idle")
     ax.set_xlabel("offered load (fraction of saturated throughput, Poisson arrivals)")
     ax.set_ylabel("latency of a 100-passage request (s)")
+    _save(fig, ax, out)
+
+
+def _save(fig: plt.Figure, ax: plt.Axes, out: Path) -> None:
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

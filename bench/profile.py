@@ -1,5 +1,5 @@
-"""Where the service's time goes under load: py-spy samples `crossrank serve` (all threads, native
-frames included) while closed-loop clients keep it saturated; prints the functions with the most
+"""Where the service's time goes under load: py-spy samples `crossrank serve` (all threads; idle
+ones left out) while closed-loop clients keep it saturated; prints the functions with the most
 samples, by own time and by time including callees.
 
     python -m bench.profile --model models/crossrank-minilm-l6 \\
