@@ -14,6 +14,7 @@ from crossrank.collate import pad_pairs
 from crossrank.tokenization import PairTokenizer
 from crossrank_train.export import export_onnx, onnx_logits
 from crossrank_train.gated_bert import from_bi_encoder, pair_template_tokenizer
+from crossrank_train.train import TrainConfig, _optimizer
 
 QUERY = "what is the capital of france"
 PASSAGES = ["paris is the capital of france", "the cat", "blue sky and river water over the city"]
@@ -34,11 +35,21 @@ def bi_encoder_dir(tmp_path: Path) -> Path:
     return out
 
 
-def embed(model: BertModel, tokenizer, text: str) -> torch.Tensor:
+def token_states(model: BertModel, tokenizer, text: str) -> torch.Tensor:
     ids = torch.tensor([tokenizer.encode(text).ids])
     with torch.no_grad():
-        hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
-    return torch.nn.functional.normalize(hidden.mean(1), dim=-1)[0]
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
+
+
+def embed(model: BertModel, tokenizer, text: str) -> torch.Tensor:
+    return torch.nn.functional.normalize(token_states(model, tokenizer, text).mean(0), dim=-1)
+
+
+def max_sim(model: BertModel, tokenizer, query: str, passage: str) -> float:
+    """ColBERT's MaxSim written out: each query token's best cosine, averaged."""
+    q = torch.nn.functional.normalize(token_states(model, tokenizer, query), dim=-1)
+    p = torch.nn.functional.normalize(token_states(model, tokenizer, passage), dim=-1)
+    return float(np.mean([max(float(qi @ pj) for pj in p) for qi in q]))
 
 
 def feeds(tmp_path: Path) -> dict[str, np.ndarray]:
@@ -66,6 +77,23 @@ def test_step_zero_scores_are_the_bi_encoder_cosines(tmp_path: Path) -> None:
     assert (logits / 20.0).tolist() == pytest.approx(expected, abs=1e-5)
 
 
+def test_step_zero_with_maxsim_adds_the_bi_encoders_late_interaction(tmp_path: Path) -> None:
+    source = bi_encoder_dir(tmp_path)
+    bi = BertModel.from_pretrained(source).eval()
+    tokenizer = build_tokenizer()
+    query = embed(bi, tokenizer, QUERY)
+    expected = [
+        5.0 * float(query @ embed(bi, tokenizer, p)) + 3.0 * max_sim(bi, tokenizer, QUERY, p)
+        for p in PASSAGES
+    ]
+
+    model = from_bi_encoder(source, cosine_scale=5.0, maxsim_scale=3.0).eval()
+    inputs = {k: torch.from_numpy(v) for k, v in feeds(tmp_path).items()}
+    with torch.no_grad():
+        logits = model(**inputs).logits[:, 0]
+    assert logits.tolist() == pytest.approx(expected, abs=1e-4)
+
+
 def test_training_opens_the_cross_attention(tmp_path: Path) -> None:
     model = from_bi_encoder(bi_encoder_dir(tmp_path))
     inputs = {k: torch.from_numpy(v) for k, v in feeds(tmp_path).items()}
@@ -78,8 +106,9 @@ def test_training_opens_the_cross_attention(tmp_path: Path) -> None:
     assert model.classifier.weight.abs().sum() > 0
 
 
-def test_saves_loads_and_exports_with_parity(tmp_path: Path) -> None:
-    model = from_bi_encoder(bi_encoder_dir(tmp_path)).eval()
+@pytest.mark.parametrize("maxsim_scale", [0.0, 4.0])
+def test_saves_loads_and_exports_with_parity(tmp_path: Path, maxsim_scale: float) -> None:
+    model = from_bi_encoder(bi_encoder_dir(tmp_path), maxsim_scale=maxsim_scale).eval()
     with torch.no_grad():
         for layer in model.bert.encoder.layer:
             layer.attention.self.cross_gate.uniform_(0, 1)
@@ -94,3 +123,20 @@ def test_saves_loads_and_exports_with_parity(tmp_path: Path) -> None:
     names = export_onnx(loaded, tmp_path / "model.onnx")
     assert names == ["input_ids", "attention_mask", "token_type_ids"]
     assert np.max(np.abs(onnx_logits(tmp_path / "model.onnx", data) - want)) <= 1e-4
+
+
+def test_gates_scales_and_base_learn_at_their_own_rates(tmp_path: Path) -> None:
+    model = from_bi_encoder(bi_encoder_dir(tmp_path), maxsim_scale=4.0)
+    config = TrainConfig(
+        model=tmp_path, groups=tmp_path, out=tmp_path, lr=1e-5, head_lr=1e-3, gate_lr=3e-2
+    )
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    rates = {
+        by_id[id(p)]: group["lr"]
+        for group in _optimizer(model, config).param_groups
+        for p in group["params"]
+    }
+    assert len(rates) == len(by_id)  # every parameter is trained, once
+    assert rates["bert.encoder.layer.1.attention.self.cross_gate"] == 3e-2
+    assert rates["maxsim_scale"] == rates["cosine_scale"] == rates["classifier.weight"] == 1e-3
+    assert rates["bert.encoder.layer.1.attention.self.query.weight"] == 1e-5

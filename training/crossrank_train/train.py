@@ -62,6 +62,9 @@ class TrainConfig:
     epochs: float = 1.0
     lr: float = 2e-5
     head_lr: float = 0.0  # learning rate of the parameters a fresh head adds; 0: `lr`
+    # learning rate of the fresh parameters a model declares inside its base (the gated model's
+    # cross-attention gates); 0: `head_lr`
+    gate_lr: float = 0.0
     weight_decay: float = 0.01
     warmup: float = 0.1  # fraction of the steps with a linearly rising learning rate
     max_grad_norm: float = 1.0
@@ -122,29 +125,31 @@ def bf16_supported() -> bool:
 
 
 def _optimizer(model: PreTrainedModel, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with the head at ``head_lr`` and no weight decay on biases, norms and scalars (the
-    parameters of fewer than 2 dims). The head is every parameter outside the pretrained base
-    model, plus those a model names in ``fresh_parameters`` (the gated model's cross-attention
-    gates: at the base rate they would barely open in a run of a few thousand steps)."""
+    """AdamW with three learning rates and no weight decay on biases, norms and scalars (the
+    parameters of fewer than 2 dims): ``lr`` for the pretrained base model, ``head_lr`` for every
+    parameter outside it, ``gate_lr`` for those a model names in ``fresh_parameters`` (the gated
+    model's cross-attention gates: scalars that must travel far from 0 in a few hundred steps,
+    while the head's 384-wide weights would swing the logits at that rate)."""
     base = model.base_model_prefix + "."
     fresh = tuple(getattr(model, "fresh_parameters", ()))
+    head_lr = config.head_lr or config.lr
 
-    def is_head(name: str) -> bool:
-        return not name.startswith(base) or any(part in name for part in fresh)
+    def rate(name: str) -> float:
+        if any(part in name for part in fresh):
+            return config.gate_lr or head_lr
+        return config.lr if name.startswith(base) else head_lr
 
-    groups = []
-    for in_head, lr in ((False, config.lr), (True, config.head_lr or config.lr)):
-        params = [
-            p
-            for name, p in model.named_parameters()
-            if p.requires_grad and is_head(name) == in_head
-        ]
-        for decays in (True, False):
-            chosen = [p for p in params if (p.ndim > 1) == decays]
-            if chosen:
-                decay = config.weight_decay if decays else 0.0
-                groups.append({"params": chosen, "lr": lr, "weight_decay": decay})
-    return torch.optim.AdamW(groups, lr=config.lr)
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((rate(name), p.ndim > 1), []).append(p)
+    return torch.optim.AdamW(
+        [
+            {"params": params, "lr": lr, "weight_decay": config.weight_decay if decays else 0.0}
+            for (lr, decays), params in groups.items()
+        ],
+        lr=config.lr,
+    )
 
 
 def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
