@@ -7,9 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.stats import t as student_t
 from toy_data import MARKER
 
-from crossrank_train.evaluate import EvalSet, evaluate, load_eval_set, measure, rerank
+from crossrank_train.evaluate import (
+    EvalSet,
+    compare,
+    evaluate,
+    load_eval_set,
+    measure,
+    rerank,
+)
 from crossrank_train.scoring import BiEncoderScorer
 
 
@@ -45,12 +53,34 @@ def test_reranking_is_measured_next_to_the_first_stage() -> None:
     eval_set = _eval_set()
 
     assert rerank(MarkerCounter(), eval_set)["q1"] == {f"d{n}": float(n) for n in range(5)}
-    first_stage, oracle = evaluate([MarkerCounter()], eval_set)
+    evaluation = evaluate([MarkerCounter()], eval_set)
+    first_stage, oracle = evaluation.rows
 
     assert first_stage["name"] == "reversed"
     assert first_stage["RR@10"] == pytest.approx(1 / 4)
     assert oracle["name"] == "oracle"
     assert oracle["nDCG@10"] == pytest.approx(1.0)
+    [comparison] = evaluation.comparisons
+    assert (comparison.system, comparison.baseline) == ("oracle", "reversed")
+    assert comparison.delta == pytest.approx(1.0 - first_stage["nDCG@10"])
+    assert (comparison.wins, comparison.losses) == (1, 0)
+
+
+def test_systems_are_compared_query_by_query() -> None:
+    qrels = {q: {"rel": 1} for q in ("q1", "q2", "q3", "q4")}
+    first = {q: {"rel": 2.0, "other": 1.0} for q in qrels}
+    # Better on q1 and q2 (relevant passage 2nd -> 1st), the same on q3 and q4.
+    second = {q: {"rel": 1.0 if q in ("q1", "q2") else 2.0, "other": 1.5} for q in qrels}
+
+    c = compare("first", first, "second", second, qrels)
+
+    gain = 1 - 1 / math.log2(3)
+    assert c.delta == pytest.approx(gain / 2)
+    assert (c.wins, c.losses) == (2, 0)
+    # Paired: differences (g, g, 0, 0) have mean g/2 and sd g/sqrt(3), so t = sqrt(3) on 3
+    # degrees of freedom, whatever g (an unpaired test would see the spread of the scores).
+    assert c.p_value == pytest.approx(2 * student_t.sf(math.sqrt(3), 3))
+    assert compare("first", first, "same", first, qrels).p_value == 1.0
 
 
 def test_eval_set_keeps_judged_queries_and_cuts_the_run(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from crossrank.model_dir import Activation
 from crossrank_train.agreement import AgreementError, cases_from_eval_set, cases_from_groups
 from crossrank_train.checkpoints import latest_checkpoint
 from crossrank_train.dense import DenseIndex
-from crossrank_train.evaluate import EvalSet, evaluate, format_table, load_eval_set
+from crossrank_train.evaluate import EvalSet, evaluate, format_report, load_eval_set
 from crossrank_train.export import VARIANT_FILES, ParityError, export_checkpoint
 from crossrank_train.groups import read_groups, write_groups
 from crossrank_train.losses import LOSSES
@@ -294,16 +294,17 @@ def _eval(args: argparse.Namespace) -> int:
         scorers.append(
             BiEncoderScorer(args.bi_encoder, f"bi-encoder {name}", batch_size=args.batch_size)
         )
-    rows = evaluate(scorers, eval_set)
+    evaluation = evaluate(scorers, eval_set)
     print(f"{len(eval_set.queries)} queries, top {args.depth} of {eval_set.first_stage}")
-    print(format_table(rows))
+    print(format_report(evaluation))
     if args.out:
         record = {
             "queries": len(eval_set.queries),
             "depth": args.depth,
             "first_stage": eval_set.first_stage,
             "paths": {k: str(getattr(args, k)) for k in ("queries", "qrels", "corpus", "run")},
-            "rows": rows,
+            "rows": evaluation.rows,
+            "comparisons": [c.as_record() for c in evaluation.comparisons],
         }
         args.out.write_text(json.dumps(record, indent=2) + "\n")
         print(f"results: {args.out}")
