@@ -129,27 +129,31 @@ def _optimizer(model: PreTrainedModel, config: TrainConfig) -> torch.optim.AdamW
     parameters of fewer than 2 dims): ``lr`` for the pretrained base model, ``head_lr`` for every
     parameter outside it, ``gate_lr`` for those a model names in ``fresh_parameters`` (the gated
     model's cross-attention gates: scalars that must travel far from 0 in a few hundred steps,
-    while the head's 384-wide weights would swing the logits at that rate)."""
+    while the head's 384-wide weights would swing the logits at that rate). Without ``gate_lr``
+    those train with the head, as runs from before it did."""
     base = model.base_model_prefix + "."
     fresh = tuple(getattr(model, "fresh_parameters", ()))
-    head_lr = config.head_lr or config.lr
+    rates = {"base": config.lr, "head": config.head_lr or config.lr, "gate": config.gate_lr}
 
-    def rate(name: str) -> float:
-        if any(part in name for part in fresh):
-            return config.gate_lr or head_lr
-        return config.lr if name.startswith(base) else head_lr
+    def role(name: str) -> str:
+        is_fresh = any(part in name for part in fresh)
+        if is_fresh and config.gate_lr:
+            return "gate"
+        return "head" if is_fresh or not name.startswith(base) else "base"
 
-    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups.setdefault((rate(name), p.ndim > 1), []).append(p)
-    return torch.optim.AdamW(
-        [
-            {"params": params, "lr": lr, "weight_decay": config.weight_decay if decays else 0.0}
-            for (lr, decays), params in groups.items()
-        ],
-        lr=config.lr,
-    )
+    # Groups in a fixed order (a resumed run's optimizer state is matched to them by position).
+    groups = []
+    for kind, lr in rates.items():
+        for decays in (True, False):
+            chosen = [
+                p
+                for name, p in model.named_parameters()
+                if p.requires_grad and role(name) == kind and (p.ndim > 1) == decays
+            ]
+            if chosen:
+                decay = config.weight_decay if decays else 0.0
+                groups.append({"params": chosen, "lr": lr, "weight_decay": decay})
+    return torch.optim.AdamW(groups, lr=config.lr)
 
 
 def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
