@@ -142,9 +142,9 @@ def test_mine_train_export_eval(graded_checkpoint: Path, tmp_path: Path) -> None
         == 0
     )
     rows = json.loads(results.read_text())["rows"]
-    names = ["run", "toy (int8)", str(out / "final"), f"bi-encoder {graded_checkpoint.name}"]
+    names = ["run", f"bi-encoder {graded_checkpoint.name}", "toy (int8)", str(out / "final")]
     assert [r["name"] for r in rows] == names
-    first_stage, int8, checkpoint, _ = rows
+    first_stage, _, int8, checkpoint = rows
     assert first_stage["nDCG@10"] < 0.5
     # The cross-encoder counts markers: the relevant passages go to the top.
     assert int8["nDCG@10"] > 0.95 and checkpoint["nDCG@10"] > 0.95

@@ -118,3 +118,10 @@ def test_bi_encoder_scores_cosine_of_mean_pooled_embeddings(tiny_checkpoint: Pat
 
     assert scores[0] == pytest.approx(1.0, abs=1e-5)
     assert -1.0 <= scores[1] < scores[0]
+
+
+def test_two_systems_of_one_name_keep_their_own_rows() -> None:
+    evaluation = evaluate([MarkerCounter(), MarkerCounter()], _eval_set())
+
+    assert [row["name"] for row in evaluation.rows] == ["reversed", "oracle", "oracle #2"]
+    assert len(evaluation.comparisons) == 3

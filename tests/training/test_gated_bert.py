@@ -113,6 +113,10 @@ def test_saves_loads_and_exports_with_parity(tmp_path: Path, maxsim_scale: float
         for layer in model.bert.encoder.layer:
             layer.attention.self.cross_gate.uniform_(0, 1)
         model.classifier.weight.normal_()
+        # Trained scales differ from the config's initial ones: loading must keep them.
+        model.cosine_scale.fill_(7.0)
+        if model.maxsim_scale is not None:
+            model.maxsim_scale.fill_(3.0)
     model.save_pretrained(tmp_path / "ckpt")
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt").eval()
     data = feeds(tmp_path)
@@ -140,3 +144,22 @@ def test_gates_scales_and_base_learn_at_their_own_rates(tmp_path: Path) -> None:
     assert rates["bert.encoder.layer.1.attention.self.cross_gate"] == 3e-2
     assert rates["maxsim_scale"] == rates["cosine_scale"] == rates["classifier.weight"] == 1e-3
     assert rates["bert.encoder.layer.1.attention.self.query.weight"] == 1e-5
+
+
+def test_without_a_gate_rate_gates_train_in_the_heads_groups(tmp_path: Path) -> None:
+    # The layout of runs from before --gate-lr, which a resumed run matches position by position.
+    model = from_bi_encoder(bi_encoder_dir(tmp_path))
+    config = TrainConfig(model=tmp_path, groups=tmp_path, out=tmp_path, lr=1e-5, head_lr=1e-3)
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    groups = [
+        (group["lr"], group["weight_decay"] > 0, {by_id[id(p)] for p in group["params"]})
+        for group in _optimizer(model, config).param_groups
+    ]
+    assert [(lr, decays) for lr, decays, _ in groups] == [
+        (1e-5, True),
+        (1e-5, False),
+        (1e-3, True),
+        (1e-3, False),
+    ]
+    assert groups[2][2] == {"classifier.weight"}
+    assert "bert.encoder.layer.0.attention.self.cross_gate" in groups[3][2]

@@ -10,7 +10,7 @@ from transformers import AutoModelForSequenceClassification
 
 from crossrank_train.checkpoints import checkpoint_dir, latest_checkpoint
 from crossrank_train.groups import write_groups
-from crossrank_train.train import TrainConfig, train
+from crossrank_train.train import TrainConfig, _check_resumable, train
 
 
 @pytest.fixture
@@ -62,3 +62,11 @@ def test_resume_with_other_settings_is_refused(config: TrainConfig) -> None:
     changed = dataclasses.replace(config, steps=3, lr=1e-3, resume=checkpoint_dir(config.out, 3))
     with pytest.raises(ValueError, match="lr="):
         train(changed)
+
+
+def test_a_setting_newer_than_the_checkpoint_counts_at_its_default(config: TrainConfig) -> None:
+    saved = config.as_record()
+    del saved["gate_lr"]  # a checkpoint from before --gate-lr
+    _check_resumable(saved, config)
+    with pytest.raises(ValueError, match="gate_lr="):
+        _check_resumable(saved, dataclasses.replace(config, gate_lr=1e-2))

@@ -279,7 +279,14 @@ def _eval(args: argparse.Namespace) -> int:
         depth=args.depth,
         max_queries=args.max_queries,
     )
-    scorers: list[Scorer] = [
+    # The baseline first: every model is then compared against it ("model vs bi-encoder").
+    scorers: list[Scorer] = []
+    if args.bi_encoder:
+        name = "all-MiniLM-L6-v2" if args.bi_encoder == MINILM else args.bi_encoder.name
+        scorers.append(
+            BiEncoderScorer(args.bi_encoder, f"bi-encoder {name}", batch_size=args.batch_size)
+        )
+    scorers += [
         load_scorer(
             path,
             variant=args.variant,
@@ -289,11 +296,6 @@ def _eval(args: argparse.Namespace) -> int:
         )
         for path in args.model
     ]
-    if args.bi_encoder:
-        name = "all-MiniLM-L6-v2" if args.bi_encoder == MINILM else args.bi_encoder.name
-        scorers.append(
-            BiEncoderScorer(args.bi_encoder, f"bi-encoder {name}", batch_size=args.batch_size)
-        )
     evaluation = evaluate(scorers, eval_set)
     print(f"{len(eval_set.queries)} queries, top {args.depth} of {eval_set.first_stage}")
     print(format_report(evaluation))

@@ -94,7 +94,7 @@ class Comparison:
     system: str
     baseline: str
     delta: float  # mean nDCG@10 difference, system minus baseline
-    p_value: float  # two-sided paired t-test over the queries; 1.0 when no query differs
+    p_value: float  # two-sided paired t-test over the queries; 1.0 if none differs or n = 1
     wins: int  # queries where the system scores higher
     losses: int
 
@@ -128,7 +128,11 @@ def compare(system: str, run: Run, baseline: str, base_run: Run, qrels: Qrels) -
 def evaluate(scorers: list[Scorer], eval_set: EvalSet) -> Evaluation:
     runs = {eval_set.first_stage: eval_set.candidates}
     for scorer in scorers:
-        runs[scorer.name] = rerank(scorer, eval_set)
+        name, copy = scorer.name, 1
+        while name in runs:  # e.g. two model dirs of one name: both rows stay
+            copy += 1
+            name = f"{scorer.name} #{copy}"
+        runs[name] = rerank(scorer, eval_set)
     rows: list[dict[str, float | str]] = [
         {"name": name, **measure(eval_set.qrels, run)} for name, run in runs.items()
     ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +158,9 @@ def _optimizer(model: PreTrainedModel, config: TrainConfig) -> torch.optim.AdamW
 
 def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
     now = config.as_record()
+    # A setting newer than the checkpoint was trained at its default.
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    saved = {**defaults, **saved}
     changed = sorted(k for k, v in saved.items() if k not in RESUMABLE_CHANGES and now.get(k) != v)
     if changed:
         raise ValueError(
