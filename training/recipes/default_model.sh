@@ -58,7 +58,7 @@ eval)
     --corpus "$DATA/trec-dl-2021/passages.jsonl.gz" --run "$DATA/trec-dl-2021/runs/BM25.top100.run" \
     --model models/crossrank-minilm-l6 --bi-encoder --out "$WORK/eval-trec-dl-2021.json"
   $CR eval --queries "$DATA/scifact/queries.jsonl" --qrels "$DATA/scifact/qrels/test.tsv" \
-    --corpus "$DATA/scifact/corpus.jsonl.gz" --max-queries 100 --depth 50 \
-    --model models/crossrank-minilm-l6 --bi-encoder --out "$WORK/eval-scifact-test-100q.json" ;;
+    --corpus "$DATA/scifact/corpus.jsonl.gz" --depth 50 \
+    --model models/crossrank-minilm-l6 --bi-encoder --out "$WORK/eval-scifact-test.json" ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac; done
