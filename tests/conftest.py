@@ -29,12 +29,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> ModelDir:
 class GatedEngine:
     """The real engine behind a gate the test opens, and a switch that makes it raise."""
 
-    def __init__(self, model_file: Path, plan: SessionPlan) -> None:
+    def __init__(self, model_file: Path, plan: SessionPlan, closed: bool = False) -> None:
         self.inner = OnnxEngine(model_file, plan)
         self.provider = self.inner.provider
         self.uses_token_type_ids = self.inner.uses_token_type_ids
         self.gate = threading.Event()
-        self.gate.set()
+        if not closed:
+            self.gate.set()
         self.entered = threading.Semaphore(0)
         self.fail_when: Callable[[PaddedBatch], bool] = lambda batch: False
         self.batches: list[int] = []
@@ -78,8 +79,12 @@ class RunningServer:
 
 
 @contextmanager
-def run_server(model: ModelDir, gated: bool = False, **overrides) -> Iterator[RunningServer]:
-    """A real uvicorn server on loopback, in a thread, with the given settings."""
+def run_server(
+    model: ModelDir, gated: bool = False, hold_warm_up: bool = False, **overrides
+) -> Iterator[RunningServer]:
+    """A real uvicorn server on loopback, in a thread, with the given settings. With
+    ``hold_warm_up`` the gated engine starts closed: the warm-up cannot finish before the test
+    opens the gate (closing it after start races a fast warm-up)."""
     port = free_port()
     settings = Settings(model=model.path, host="127.0.0.1", port=port, threads=1, **overrides)
     holder: dict[str, GatedEngine] = {}
@@ -87,7 +92,7 @@ def run_server(model: ModelDir, gated: bool = False, **overrides) -> Iterator[Ru
     def factory(path: Path, plan: SessionPlan):
         if not gated:
             return OnnxEngine(path, plan)
-        holder["engine"] = GatedEngine(path, plan)
+        holder["engine"] = GatedEngine(path, plan, closed=hold_warm_up)
         return holder["engine"]
 
     app = create_app(settings, engine_factory=factory)

@@ -53,9 +53,8 @@ def wait_for(predicate, timeout: float = 10.0) -> None:
 
 
 def test_ready_only_after_warm_up_and_metrics_present_from_start(model_dir: ModelDir) -> None:
-    with run_server(model_dir, gated=True) as srv:
+    with run_server(model_dir, gated=True, hold_warm_up=True) as srv:
         assert srv.engine is not None
-        srv.engine.gate.clear()  # hold the warm-up
         with srv.client() as c:
             assert c.get("/health").status_code == 200
             not_ready = c.get("/ready")
