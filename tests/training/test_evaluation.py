@@ -16,6 +16,7 @@ from crossrank_train.evaluate import (
     evaluate,
     load_eval_set,
     measure,
+    per_query_ndcg,
     rerank,
 )
 from crossrank_train.scoring import BiEncoderScorer
@@ -72,7 +73,9 @@ def test_systems_are_compared_query_by_query() -> None:
     # Better on q1 and q2 (relevant passage 2nd -> 1st), the same on q3 and q4.
     second = {q: {"rel": 1.0 if q in ("q1", "q2") else 2.0, "other": 1.5} for q in qrels}
 
-    c = compare("first", first, "second", second, qrels)
+    c = compare(
+        "first", per_query_ndcg(qrels, first), "second", per_query_ndcg(qrels, second), qrels
+    )
 
     gain = 1 - 1 / math.log2(3)
     assert c.delta == pytest.approx(gain / 2)
@@ -80,7 +83,8 @@ def test_systems_are_compared_query_by_query() -> None:
     # Paired: differences (g, g, 0, 0) have mean g/2 and sd g/sqrt(3), so t = sqrt(3) on 3
     # degrees of freedom, whatever g (an unpaired test would see the spread of the scores).
     assert c.p_value == pytest.approx(2 * student_t.sf(math.sqrt(3), 3))
-    assert compare("first", first, "same", first, qrels).p_value == 1.0
+    same = per_query_ndcg(qrels, first)
+    assert compare("first", same, "same", same, qrels).p_value == 1.0
 
 
 def test_eval_set_keeps_judged_queries_and_cuts_the_run(tmp_path: Path) -> None:

@@ -113,8 +113,10 @@ def per_query_ndcg(qrels: Qrels, run: Run) -> dict[str, float]:
     return {m.query_id: float(m.value) for m in ir_measures.iter_calc([nDCG @ 10], qrels, run)}
 
 
-def compare(system: str, run: Run, baseline: str, base_run: Run, qrels: Qrels) -> Comparison:
-    ours, theirs = per_query_ndcg(qrels, run), per_query_ndcg(qrels, base_run)
+def compare(
+    system: str, ours: dict[str, float], baseline: str, theirs: dict[str, float], qrels: Qrels
+) -> Comparison:
+    """``system`` against ``baseline`` from their per-query nDCG@10 (``per_query_ndcg``)."""
     queries = sorted(qrels)
     a = np.array([ours.get(q, 0.0) for q in queries])
     b = np.array([theirs.get(q, 0.0) for q in queries])
@@ -133,11 +135,13 @@ def evaluate(scorers: list[Scorer], eval_set: EvalSet) -> Evaluation:
             copy += 1
             name = f"{scorer.name} #{copy}"
         runs[name] = rerank(scorer, eval_set)
+    qrels = eval_set.qrels
     rows: list[dict[str, float | str]] = [
-        {"name": name, **measure(eval_set.qrels, run)} for name, run in runs.items()
+        {"name": name, **measure(qrels, run)} for name, run in runs.items()
     ]
+    per_query = {name: per_query_ndcg(qrels, run) for name, run in runs.items()}
     comparisons = [
-        compare(system, runs[system], baseline, runs[baseline], eval_set.qrels)
+        compare(system, per_query[system], baseline, per_query[baseline], qrels)
         for baseline, system in combinations(runs, 2)
     ]
     return Evaluation(rows, comparisons)

@@ -22,7 +22,7 @@ NF_DEV="--dev-queries $DATA/nfcorpus/dev.titles.preprocessed.queries.tsv
 
 for step in $STEPS; do case $step in
 init)  # the segment-gated cross-encoder: at step 0 the all-MiniLM-L6-v2 bi-encoder's cosine plus
-  # MaxSim over its token states, 1:1 (the ratio chosen on NFCorpus dev and SciFact train)
+  # MaxSim over its token states, 1:1 (the best of three ratios on NFCorpus dev: README.md)
   $PY -m crossrank_train.gated_bert --out "$WORK/init" --cosine-scale 10 --maxsim-scale 10 ;;
 mine)  # 7 negatives per positive: hits of the all-MiniLM-L6-v2 bi-encoder at ranks 3-30 where a
   # corpus is small enough to embed here (the mistakes the cross-attention must fix), BM25 ranks
