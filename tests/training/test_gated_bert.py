@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertMod
 from crossrank.collate import pad_pairs
 from crossrank.tokenization import PairTokenizer
 from crossrank_train.export import export_onnx, onnx_logits
-from crossrank_train.gated_bert import from_bi_encoder, pair_template_tokenizer
+from crossrank_train.gated_bert import from_bi_encoder, pair_template_tokenizer, term_idf
 from crossrank_train.train import TrainConfig, _optimizer
 
 QUERY = "what is the capital of france"
@@ -106,9 +106,101 @@ def test_training_opens_the_cross_attention(tmp_path: Path) -> None:
     assert model.classifier.weight.abs().sum() > 0
 
 
-@pytest.mark.parametrize("maxsim_scale", [0.0, 4.0])
-def test_saves_loads_and_exports_with_parity(tmp_path: Path, maxsim_scale: float) -> None:
-    model = from_bi_encoder(bi_encoder_dir(tmp_path), maxsim_scale=maxsim_scale).eval()
+REFERENCE = ["paris is the capital of france", "the river in paris", "a cat and a dog", "blue sky"]
+
+
+def idf_table() -> tuple[torch.Tensor, float]:
+    tokenizer = build_tokenizer()
+    return term_idf(tokenizer, REFERENCE, tokenizer.get_vocab_size())
+
+
+def test_term_idf_counts_documents_and_zeroes_special_tokens() -> None:
+    tokenizer = build_tokenizer()
+    idf, avg_length = idf_table()
+    n = len(REFERENCE)
+    lengths = [len(tokenizer.encode(t, add_special_tokens=False).ids) + 2 for t in REFERENCE]
+    assert avg_length == pytest.approx(sum(lengths) / n)
+    paris, cat, unseen = (tokenizer.token_to_id(w) for w in ("paris", "cat", "city"))
+    assert idf[paris].item() == pytest.approx(np.log1p((n - 2 + 0.5) / 2.5))  # in 2 of 4
+    assert idf[cat].item() == pytest.approx(np.log1p((n - 1 + 0.5) / 1.5))
+    assert idf[unseen].item() == pytest.approx(np.log1p((n + 0.5) / 0.5))
+    for special in ("[CLS]", "[SEP]", "[PAD]"):
+        assert idf[tokenizer.token_to_id(special)].item() == 0.0
+
+
+def bm25_by_hand(query: str, passage: str, idf: torch.Tensor, avg_length: float) -> float:
+    """BM25 of the passage for the query's tokens, over the query's total IDF."""
+    tokenizer = build_tokenizer()
+    q = tokenizer.encode(query, add_special_tokens=False).ids
+    p = tokenizer.encode(passage, add_special_tokens=False).ids
+    k1, b, length = 1.2, 0.75, len(p) + 2  # the passage segment: [CLS] passage [SEP]
+    total = sum(
+        float(idf[t])
+        * p.count(t)
+        * (k1 + 1)
+        / (p.count(t) + k1 * (1 - b + b * length / avg_length))
+        for t in q
+    )
+    return total / sum(float(idf[t]) for t in q)
+
+
+def test_step_zero_with_lexical_and_idf_maxsim_adds_bm25_and_weighted_late_interaction(
+    tmp_path: Path,
+) -> None:
+    source = bi_encoder_dir(tmp_path)
+    bi = BertModel.from_pretrained(source).eval()
+    tokenizer = build_tokenizer()
+    idf, avg_length = idf_table()
+    query = embed(bi, tokenizer, QUERY)
+    q_ids = tokenizer.encode(QUERY).ids
+    q_tokens = torch.nn.functional.normalize(token_states(bi, tokenizer, QUERY), dim=-1)
+    weights = idf[q_ids]
+
+    def weighted_max_sim(passage: str) -> float:
+        p_tokens = torch.nn.functional.normalize(token_states(bi, tokenizer, passage), dim=-1)
+        best = (q_tokens @ p_tokens.T).amax(-1)
+        return float((best * weights).sum() / weights.sum())
+
+    expected = [
+        5.0 * float(query @ embed(bi, tokenizer, p))
+        + 3.0 * weighted_max_sim(p)
+        + 2.0 * bm25_by_hand(QUERY, p, idf, avg_length)
+        for p in PASSAGES
+    ]
+    model = from_bi_encoder(
+        source,
+        cosine_scale=5.0,
+        maxsim_scale=3.0,
+        maxsim_idf=True,
+        lexical_scale=2.0,
+        idf=(idf, avg_length),
+    ).eval()
+    inputs = {k: torch.from_numpy(v) for k, v in feeds(tmp_path).items()}
+    with torch.no_grad():
+        logits = model(**inputs).logits[:, 0]
+        parts = model.score_parts(**inputs, every=True)
+    assert logits.tolist() == pytest.approx(expected, abs=1e-4)
+    assert set(parts) == {"cosine", "correction", "maxsim", "maxsim_idf", "lexical"}
+    # "paris is the capital of france" matches the query's rare terms, "the cat" only "the"
+    assert parts["lexical"][0] > parts["lexical"][1] > 0
+
+
+def test_the_lexical_term_needs_an_idf_table(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="IDF"):
+        from_bi_encoder(bi_encoder_dir(tmp_path), lexical_scale=1.0)
+
+
+@pytest.mark.parametrize(("maxsim_scale", "lexical_scale"), [(0.0, 0.0), (4.0, 0.0), (4.0, 2.0)])
+def test_saves_loads_and_exports_with_parity(
+    tmp_path: Path, maxsim_scale: float, lexical_scale: float
+) -> None:
+    model = from_bi_encoder(
+        bi_encoder_dir(tmp_path),
+        maxsim_scale=maxsim_scale,
+        maxsim_idf=bool(lexical_scale),
+        lexical_scale=lexical_scale,
+        idf=idf_table(),
+    ).eval()
     with torch.no_grad():
         for layer in model.bert.encoder.layer:
             layer.attention.self.cross_gate.uniform_(0, 1)
@@ -117,6 +209,8 @@ def test_saves_loads_and_exports_with_parity(tmp_path: Path, maxsim_scale: float
         model.cosine_scale.fill_(7.0)
         if model.maxsim_scale is not None:
             model.maxsim_scale.fill_(3.0)
+        if model.lexical_scale is not None:
+            model.lexical_scale.fill_(5.0)
     model.save_pretrained(tmp_path / "ckpt")
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt").eval()
     data = feeds(tmp_path)

@@ -19,7 +19,15 @@ from scipy.stats import ttest_rel
 from tqdm import tqdm
 
 from crossrank_train.bm25 import Bm25Index
-from crossrank_train.readers import Qrels, Run, read_corpus, read_qrels, read_queries, read_run
+from crossrank_train.readers import (
+    Collection,
+    Qrels,
+    Run,
+    read_corpus,
+    read_qrels,
+    read_queries,
+    read_run,
+)
 from crossrank_train.scoring import Scorer
 
 log = logging.getLogger(__name__)
@@ -50,28 +58,41 @@ def load_eval_set(
     depth: int = 100,
     max_queries: int | None = None,
 ) -> EvalSet:
-    """The queries with at least one relevant judgement (in the queries file's order, the
-    first ``max_queries`` of them), their qrels, and their top-``depth`` candidates."""
-    all_queries = read_queries(queries)
-    all_qrels = read_qrels(qrels)
-    passages = read_corpus(corpus)
-    judged = (qid for qid in all_queries if any(g > 0 for g in all_qrels.get(qid, {}).values()))
-    chosen = {qid: all_queries[qid] for qid in islice(judged, max_queries)}
-    if run is not None:
-        full_run = read_run(run)
+    """``select_eval_set`` over files: queries, qrels, a corpus and optionally a TREC run."""
+    collection = Collection(read_queries(queries), read_corpus(corpus), read_qrels(qrels))
+    first_stage = (read_run(run), Path(run).stem) if run is not None else None
+    return select_eval_set(collection, first_stage, depth=depth, max_queries=max_queries)
+
+
+def select_eval_set(
+    collection: Collection,
+    first_stage: tuple[Run, str] | None = None,
+    *,
+    depth: int = 100,
+    max_queries: int | None = None,
+) -> EvalSet:
+    """The queries with at least one relevant judgement (in the collection's order, the first
+    ``max_queries`` of them), their qrels, and their top-``depth`` candidates from
+    ``first_stage`` (a run and its name) or else BM25 over the corpus."""
+    all_qrels, passages = collection.qrels, collection.corpus
+    judged = (
+        qid for qid in collection.queries if any(g > 0 for g in all_qrels.get(qid, {}).values())
+    )
+    chosen = {qid: collection.queries[qid] for qid in islice(judged, max_queries)}
+    if first_stage is not None:
+        full_run, name = first_stage
         candidates = {qid: _top(full_run.get(qid, {}), depth) for qid in chosen}
-        first_stage = Path(run).stem
     else:
         candidates = Bm25Index(passages).search(chosen, depth)
-        first_stage = "BM25 (bm25s)"
+        name = "BM25 (bm25s)"
     missing = sum(pid not in passages for ranked in candidates.values() for pid in ranked)
     if missing:
-        log.warning("%d candidates have no text in %s and are left out", missing, corpus)
+        log.warning("%d candidates have no text in the corpus and are left out", missing)
         candidates = {
             qid: {pid: s for pid, s in ranked.items() if pid in passages}
             for qid, ranked in candidates.items()
         }
-    return EvalSet(chosen, passages, {q: all_qrels[q] for q in chosen}, candidates, first_stage)
+    return EvalSet(chosen, passages, {q: all_qrels[q] for q in chosen}, candidates, name)
 
 
 def measure(qrels: Qrels, run: Run) -> dict[str, float]:

@@ -11,23 +11,31 @@ the passage segment. Inside:
 * every attention head mixes within-segment attention with full (cross) attention,
   ``probs = p_segment + g * (p_full - p_segment)``, with a learnt gate ``g`` per layer and head,
   initially 0: the two segments are encoded independently, as by the bi-encoder;
-* the logit is ``a * cos(mean(query tokens), mean(passage tokens)) + b * maxsim + w . h[CLS] + c``
-  with ``w = 0`` at first, where ``maxsim`` is late interaction (ColBERT's MaxSim): the mean over
-  query tokens of their best cosine with any passage token.
+* the logit is ``a * cos(mean(query tokens), mean(passage tokens)) + b * maxsim + l * lexical
+  + w . h[CLS] + c`` with ``w = 0`` at first, where ``maxsim`` is late interaction (ColBERT's
+  MaxSim): the mean over query tokens of their best cosine with any passage token, optionally
+  weighted by each query token's IDF; and ``lexical`` is exact term matching as BM25 scores it
+  (IDF times saturated term frequency, passage-length normalised), over the WordPiece ids of the
+  pair itself, divided by the query's total IDF so that it lies in [0, k1 + 1) for any query.
 
 So at step 0 the score is the bi-encoder's cosine (``b = 0``) or that cosine plus MaxSim over the
 bi-encoder's own token embeddings, and training opens the cross-attention and learns a correction
 on top. MaxSim is there because it is the bi-encoder's token-level knowledge used as is: on the dev
 sets it re-ranks better than the pooled cosine before any training (README.md, "The default
-model", has the figures and the commands). It is still three inputs and one logit: the
-service cannot tell it from any other cross-encoder.
+model", has the figures and the commands). The lexical term is there because a bi-encoder
+misses exact matches of rare terms (names, numbers, jargon) that BM25 catches: the two are known
+to fail on different queries. Its IDF table is a buffer of the model, counted once over a
+reference corpus when the model is built (``term_idf``), so serving needs nothing but the pair.
+It is still three inputs and one logit: the service cannot tell it from any other cross-encoder.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, processors
 from torch import nn
@@ -54,10 +62,30 @@ MASKED = -10_000.0
 class GatedBertConfig(BertConfig):
     model_type = "crossrank-gated-bert"
 
-    def __init__(self, cosine_scale: float = 20.0, maxsim_scale: float = 0.0, **kwargs) -> None:
+    def __init__(
+        self,
+        cosine_scale: float = 20.0,
+        maxsim_scale: float = 0.0,
+        maxsim_idf: bool = False,
+        lexical_scale: float = 0.0,
+        lexical_k1: float = 1.2,
+        lexical_b: float = 0.75,
+        lexical_avg_length: float = 128.0,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.cosine_scale = cosine_scale
         self.maxsim_scale = maxsim_scale
+        self.maxsim_idf = maxsim_idf  # weight MaxSim's query tokens by their IDF
+        self.lexical_scale = lexical_scale
+        # BM25's saturation and length normalisation, lengths in tokens of the passage segment
+        self.lexical_k1 = lexical_k1
+        self.lexical_b = lexical_b
+        self.lexical_avg_length = lexical_avg_length
+
+    @property
+    def uses_idf(self) -> bool:
+        return bool(self.lexical_scale) or (bool(self.maxsim_scale) and self.maxsim_idf)
 
 
 class GatedSelfAttention(nn.Module):
@@ -137,15 +165,62 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
 
 
-def max_sim(hidden: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+def max_sim(hidden: torch.Tensor, weights: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """Late interaction: each query token's best cosine with a passage token, averaged over the
-    query's tokens ([CLS] and [SEP] included, as ColBERT's query side)."""
+    query's tokens with ``weights`` (0 outside the query; uniform weights keep [CLS] and [SEP] in,
+    as ColBERT's query side)."""
     tokens = nn.functional.normalize(hidden, dim=-1)
     similarity = tokens @ tokens.transpose(1, 2)  # [B, L, L]
     # Cosines are >= -1, so -2 never wins a max over a row with one passage token.
     keys = second.unsqueeze(1)
     best = torch.where(keys, similarity, torch.full_like(similarity, -2.0)).amax(-1)  # [B, L]
-    return (best * first).sum(-1) / first.sum(-1).clamp(min=1)
+    return (best * weights).sum(-1) / weights.sum(-1).clamp(min=1e-6)
+
+
+def lexical_match(
+    input_ids: torch.Tensor,
+    weights: torch.Tensor,
+    second: torch.Tensor,
+    config: GatedBertConfig,
+) -> torch.Tensor:
+    """BM25 over the pair's own token ids: for each query token (``weights``: its IDF, 0 outside
+    the query), its count in the passage segment, saturated and length-normalised, summed with
+    IDF weights and divided by the query's total IDF (so a short query and a long one score on
+    one scale: 1 is every query term once in an average-length passage)."""
+    same = (input_ids.unsqueeze(2) == input_ids.unsqueeze(1)) & second.unsqueeze(1)
+    counts = same.to(weights.dtype).sum(-1)  # [B, L]
+    length = second.to(weights.dtype).sum(-1, keepdim=True)  # [B, 1]
+    k1, b = config.lexical_k1, config.lexical_b
+    norm = k1 * (1 - b + b * length / config.lexical_avg_length)
+    saturated = counts * (k1 + 1) / (counts + norm)
+    return (weights * saturated).sum(-1) / weights.sum(-1).clamp(min=1e-6)
+
+
+def term_idf(
+    tokenizer: Tokenizer, texts: Iterable[str], vocab_size: int, batch: int = 2048
+) -> tuple[torch.Tensor, float]:
+    """Each token id's IDF over ``texts`` (Lucene's BM25 form, log(1 + (N - df + .5)/(df + .5)))
+    and the texts' mean length in tokens with [CLS] and [SEP], as the passage segment counts it.
+    Special tokens get 0: they are in every pair and carry no evidence."""
+    df = np.zeros(vocab_size, dtype=np.int64)
+    count = total = 0
+    texts = list(texts)
+    for start in range(0, len(texts), batch):
+        for encoding in tokenizer.encode_batch(
+            texts[start : start + batch], add_special_tokens=False
+        ):
+            ids = np.asarray(encoding.ids, dtype=np.int64)
+            df[np.unique(ids)] += 1
+            count += 1
+            total += len(ids) + 2
+    if not count:
+        raise ValueError("term_idf needs at least one text")
+    idf = np.log1p((count - df + 0.5) / (df + 0.5))
+    for token in ("[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"):
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            idf[token_id] = 0.0
+    return torch.tensor(idf, dtype=torch.float32), total / count
 
 
 class GatedBertForRanking(PreTrainedModel):
@@ -164,6 +239,17 @@ class GatedBertForRanking(PreTrainedModel):
         self.maxsim_scale = (
             nn.Parameter(torch.tensor(float(config.maxsim_scale))) if config.maxsim_scale else None
         )
+        self.lexical_scale = (
+            nn.Parameter(torch.tensor(float(config.lexical_scale)))
+            if config.lexical_scale
+            else None
+        )
+        # Counted, not learnt (term_idf): a buffer saves and exports with the weights.
+        self.idf: torch.Tensor | None
+        if config.uses_idf:
+            self.register_buffer("idf", torch.zeros(config.vocab_size))
+        else:
+            self.idf = None
         self.post_init()
 
     @torch.no_grad()
@@ -175,6 +261,8 @@ class GatedBertForRanking(PreTrainedModel):
             module.cosine_scale.fill_(float(self.config.cosine_scale))
             if module.maxsim_scale is not None:
                 module.maxsim_scale.fill_(float(self.config.maxsim_scale))
+            if module.lexical_scale is not None:
+                module.lexical_scale.fill_(float(self.config.lexical_scale))
         elif isinstance(module, GatedSelfAttention):
             module.cross_gate.zero_()
         elif isinstance(module, nn.Linear) and module is not self.classifier:
@@ -187,13 +275,16 @@ class GatedBertForRanking(PreTrainedModel):
             module.weight.fill_(1.0)
             module.bias.zero_()
 
-    def forward(
+    def score_parts(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor,
-        **_: object,
-    ) -> SequenceClassifierOutput:
+        every: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """The logit's terms before their scales, each [batch]: ``cosine``, ``correction`` (the
+        head's), and those of ``maxsim``, ``maxsim_idf`` and ``lexical`` the logit uses (with
+        ``every``, all the model can compute: to weigh them against each other on a dev set)."""
         mask = attention_mask.bool()
         second = token_type_ids.bool() & mask
         first = ~token_type_ids.bool() & mask
@@ -211,11 +302,38 @@ class GatedBertForRanking(PreTrainedModel):
             hidden = layer(hidden, segment_bias, full_bias)
         query = nn.functional.normalize(masked_mean(hidden, first), dim=-1)
         passage = nn.functional.normalize(masked_mean(hidden, second), dim=-1)
-        cosine = (query * passage).sum(-1)
-        correction = self.classifier(self.dropout(hidden[:, 0])).squeeze(-1)
-        logits = self.cosine_scale * cosine + correction
+        parts = {
+            "cosine": (query * passage).sum(-1),
+            "correction": self.classifier(self.dropout(hidden[:, 0])).squeeze(-1),
+        }
+        late = self.maxsim_scale is not None
+        # fp32 under bf16 autocast too: cosines of 0.004 apart would tie, times a scale of 10.
+        with torch.autocast(hidden.device.type, enabled=False):
+            hidden = hidden.float()
+            if every or (late and not self.config.maxsim_idf):
+                parts["maxsim"] = max_sim(hidden, first.float(), second)
+            if self.idf is not None:
+                idf = self.idf[input_ids] * first.float()
+                if every or (late and self.config.maxsim_idf):
+                    parts["maxsim_idf"] = max_sim(hidden, idf, second)
+                if every or self.lexical_scale is not None:
+                    parts["lexical"] = lexical_match(input_ids, idf, second, self.config)
+        return parts
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        **_: object,
+    ) -> SequenceClassifierOutput:
+        parts = self.score_parts(input_ids, attention_mask, token_type_ids)
+        logits = self.cosine_scale * parts["cosine"] + parts["correction"]
         if self.maxsim_scale is not None:
-            logits = logits + self.maxsim_scale * max_sim(hidden, first.to(hidden.dtype), second)
+            maxsim = parts["maxsim_idf"] if self.config.maxsim_idf else parts["maxsim"]
+            logits = logits + self.maxsim_scale * maxsim
+        if self.lexical_scale is not None:
+            logits = logits + self.lexical_scale * parts["lexical"]
         return SequenceClassifierOutput(logits=logits.unsqueeze(-1))
 
 
@@ -224,14 +342,30 @@ AutoModelForSequenceClassification.register(GatedBertConfig, GatedBertForRanking
 
 
 def from_bi_encoder(
-    bert_dir: str | Path, cosine_scale: float = 20.0, maxsim_scale: float = 0.0
+    bert_dir: str | Path,
+    cosine_scale: float = 20.0,
+    maxsim_scale: float = 0.0,
+    *,
+    maxsim_idf: bool = False,
+    lexical_scale: float = 0.0,
+    idf: tuple[torch.Tensor, float] | None = None,
 ) -> GatedBertForRanking:
     """Build the network from a BERT bi-encoder checkpoint (mean pooling, cosine); with
-    ``maxsim_scale``, MaxSim over its token embeddings joins the score."""
+    ``maxsim_scale``, MaxSim over its token embeddings joins the score, with ``lexical_scale``
+    exact term matching. ``idf`` (from ``term_idf``: the table and the mean passage length) is
+    needed by the lexical term and by IDF-weighted MaxSim."""
     source = BertModel.from_pretrained(str(bert_dir), add_pooling_layer=False)
     config = GatedBertConfig(
-        cosine_scale=cosine_scale, maxsim_scale=maxsim_scale, **source.config.to_dict()
+        cosine_scale=cosine_scale,
+        maxsim_scale=maxsim_scale,
+        maxsim_idf=maxsim_idf,
+        lexical_scale=lexical_scale,
+        **source.config.to_dict(),
     )
+    if config.uses_idf:
+        if idf is None:
+            raise ValueError("the lexical term and IDF-weighted MaxSim need an IDF table")
+        config.lexical_avg_length = idf[1]
     config.architectures = [GatedBertForRanking.__name__]
     model = GatedBertForRanking(config)
     missing, unexpected = model.bert.load_state_dict(source.state_dict(), strict=False)
@@ -241,7 +375,19 @@ def from_bi_encoder(
         # The bi-encoder only ever saw segment 0: the passage starts with the same embedding.
         types = model.bert.embeddings.token_type_embeddings.weight
         types[1:] = types[0]
+        if model.idf is not None and idf is not None:
+            model.idf.copy_(idf[0])
     return model.float()
+
+
+def reference_texts(corpora: Iterable[Path], pairs: Iterable[Path]) -> list[str]:
+    """The passages of BEIR corpus files and of query/positives/negatives JSONL files: the
+    reference corpus the IDF table is counted over."""
+    from crossrank_train.readers import read_corpus, read_pairs
+
+    texts = [text for path in corpora for text in read_corpus(path).values()]
+    texts += [text for path in pairs for text in read_pairs(path).corpus.values()]
+    return texts
 
 
 def pair_template_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
@@ -278,6 +424,26 @@ def main(argv: list[str] | None = None) -> int:
         "--maxsim-scale", type=float, default=0.0, help="weight of MaxSim in the score (0: none)"
     )
     parser.add_argument(
+        "--maxsim-idf", action="store_true", help="weight MaxSim's query tokens by their IDF"
+    )
+    parser.add_argument(
+        "--lexical-scale", type=float, default=0.0, help="weight of exact term matching (0: none)"
+    )
+    parser.add_argument(
+        "--idf-corpus",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="BEIR corpus JSONL(.gz) files the IDF table is counted over",
+    )
+    parser.add_argument(
+        "--idf-pairs",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="query/positives/negatives JSONL(.gz) files whose passages join that corpus",
+    )
+    parser.add_argument(
         "--inspect", type=Path, help="print how far a trained checkpoint's gates have opened"
     )
     args = parser.parse_args(argv)
@@ -293,25 +459,42 @@ def main(argv: list[str] | None = None) -> int:
             f"gates min {every.min():+.3f} max {every.max():+.3f} "
             f"mean |g| {every.abs().mean():.3f}; "
             f"cosine scale {model.cosine_scale.item():.3f}; "
-            + (
-                f"maxsim scale {model.maxsim_scale.item():.3f}; "
-                if model.maxsim_scale is not None
-                else ""
+            + "".join(
+                f"{name} scale {scale.item():.3f}; "
+                for name, scale in (
+                    ("maxsim", model.maxsim_scale),
+                    ("lexical", model.lexical_scale),
+                )
+                if scale is not None
             )
             + f"head |w| {model.classifier.weight.detach().norm():.3f}"
         )
         return 0
     if args.out is None:
         parser.error("give --out (or --inspect)")
-    model = from_bi_encoder(args.bi_encoder, args.cosine_scale, args.maxsim_scale)
-    model.save_pretrained(str(args.out))
     tokenizer = pair_template_tokenizer(
         Tokenizer.from_file(str(args.bi_encoder / "tokenizer.json"))
     )
     tokenizer.no_truncation()
     tokenizer.no_padding()
+    idf = None
+    if args.idf_corpus or args.idf_pairs:
+        texts = reference_texts(args.idf_corpus, args.idf_pairs)
+        idf = term_idf(tokenizer, texts, tokenizer.get_vocab_size())
+        print(f"IDF over {len(texts)} passages, {idf[1]:.1f} tokens on average")
+    model = from_bi_encoder(
+        args.bi_encoder,
+        args.cosine_scale,
+        args.maxsim_scale,
+        maxsim_idf=args.maxsim_idf,
+        lexical_scale=args.lexical_scale,
+        idf=idf,
+    )
+    model.save_pretrained(str(args.out))
     tokenizer.save(str(args.out / "tokenizer.json"))
     late = f", MaxSim x{args.maxsim_scale:g}" if args.maxsim_scale else ""
+    late += " (IDF-weighted)" if args.maxsim_scale and args.maxsim_idf else ""
+    late += f", lexical x{args.lexical_scale:g}" if args.lexical_scale else ""
     base = f"{args.bi_encoder} (bi-encoder; segment-gated cross-encoder init{late})"
     (args.out / PROVENANCE_FILE).write_text(json.dumps({"base_model": base}, indent=2) + "\n")
     print(f"wrote the step-0 gated cross-encoder to {args.out}")

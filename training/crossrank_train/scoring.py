@@ -37,15 +37,20 @@ class Scorer(Protocol):
         ...
 
 
-def _score_in_batches(
+def score_in_batches(
     pairs: list[EncodedPair], batch_size: int, run: Callable[[PaddedBatch], np.ndarray]
 ) -> np.ndarray:
+    """``run`` on length-sorted batches, its rows put back in the pairs' order (a row may be a
+    score or a vector of them)."""
     # Batching pairs of similar length wastes less compute on padding.
     order = np.argsort([p.length for p in pairs], kind="stable")
-    scores = np.empty(len(pairs), dtype=np.float32)
+    scores = np.empty(0, dtype=np.float32)
     for start in range(0, len(pairs), batch_size):
         rows = order[start : start + batch_size]
-        scores[rows] = run(pad_pairs([pairs[i] for i in rows]))
+        out = run(pad_pairs([pairs[i] for i in rows]))
+        if not start:
+            scores = np.empty((len(pairs), *out.shape[1:]), dtype=np.float32)
+        scores[rows] = out
     return scores
 
 
@@ -71,7 +76,7 @@ class TorchScorer:
         try:
             with torch.inference_mode():
                 pairs = self.tokenizer.encode(query, list(passages)).pairs
-                return _score_in_batches(pairs, self.batch_size, self._run)
+                return score_in_batches(pairs, self.batch_size, self._run)
         finally:
             self.model.train(was_training)
 
@@ -99,7 +104,7 @@ class OnnxScorer:
 
     def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
         pairs = self.tokenizer.encode(query, list(passages)).pairs
-        return _score_in_batches(pairs, self.batch_size, self.engine.run)
+        return score_in_batches(pairs, self.batch_size, self.engine.run)
 
 
 class BiEncoderScorer:

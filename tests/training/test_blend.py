@@ -1,0 +1,77 @@
+"""Blends of the gated model's score terms, weighed on a dev set from one forward pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_gated_bert import bi_encoder_dir, idf_table
+from tiny_model import build_tokenizer
+
+from crossrank.collate import pad_pairs
+from crossrank.tokenization import PairTokenizer
+from crossrank_train.blend import PARTS, Blend, evaluate_blends, grid, score_parts
+from crossrank_train.encoding import batch_feeds, to_tensors
+from crossrank_train.evaluate import EvalSet
+from crossrank_train.gated_bert import from_bi_encoder, pair_template_tokenizer
+
+
+def parts_of(**columns: list[float]) -> np.ndarray:
+    return np.stack([np.array(columns[name], dtype=np.float32) for name in PARTS], axis=-1)
+
+
+def test_a_blend_is_the_weighted_sum_of_its_terms() -> None:
+    parts = parts_of(cosine=[0.5, 0.1], maxsim=[0.2, 0.4], maxsim_idf=[0.3, 0.9], lexical=[1, 0])
+    assert Blend(10, 2, False, 3).score(parts).tolist() == pytest.approx([8.4, 1.8])
+    assert Blend(10, 2, True, 0).score(parts).tolist() == pytest.approx([5.6, 2.8])
+
+
+def test_the_grid_has_one_blend_without_maxsim_per_lexical_weight() -> None:
+    blends = grid(10, [0, 5], [0, 1])
+    assert len(blends) == len(set(blends)) == 2 + 2 * 2
+    assert Blend(10, 0, False, 1) in blends and Blend(10, 0, True, 1) not in blends
+    assert Blend(10, 5, True, 1).name == "cos 10 + maxsim(idf) 5 + lexical 1"
+
+
+def test_blends_are_measured_against_the_cosine_alone() -> None:
+    # Two queries; the cosine ranks their relevant passage last, exact matching first.
+    eval_set = EvalSet(
+        {"q1": "a", "q2": "b"},
+        {},
+        {"q1": {"p1": 1}, "q2": {"p3": 1}},
+        {"q1": {"p1": 0, "p2": 0}, "q2": {"p3": 0, "p4": 0}},
+        "first",
+    )
+    wrong = parts_of(cosine=[0.1, 0.5], maxsim=[0, 0], maxsim_idf=[0, 0], lexical=[1.0, 0.0])
+    parts = {"q1": wrong, "q2": wrong}
+    rows = {row["name"]: row for row in evaluate_blends(grid(1, [0], [0, 10]), parts, eval_set)}
+
+    assert rows["cos 1"]["nDCG@10"] == pytest.approx(1 / np.log2(3))
+    assert rows["cos 1 + lexical 10"]["nDCG@10"] == 1.0
+    versus = rows["cos 1 + lexical 10"]["vs_cosine"]
+    assert versus["wins"] == 2 and versus["delta"] == pytest.approx(1 - 1 / np.log2(3))
+
+
+def test_terms_scored_for_the_grid_are_the_models_own(tmp_path: Path) -> None:
+    model = from_bi_encoder(
+        bi_encoder_dir(tmp_path), maxsim_scale=1.0, lexical_scale=1.0, idf=idf_table()
+    ).eval()
+    tokenizer_path = tmp_path / "tokenizer.json"
+    pair_template_tokenizer(build_tokenizer()).save(str(tokenizer_path))
+    tokenizer = PairTokenizer(tokenizer_path, 16, 128)
+    passages = {"p1": "paris is the capital of france", "p2": "the cat", "p3": "blue sky"}
+    query = "what is the capital of france"
+    eval_set = EvalSet(
+        {"q": query}, passages, {"q": {"p1": 1}}, {"q": dict.fromkeys(passages, 0.0)}, "x"
+    )
+
+    found = score_parts(model, tokenizer, eval_set, batch_size=2)["q"]
+
+    # Scored in padded batches of 2, in length order: each row must be its own passage's terms.
+    for row, text in enumerate(passages.values()):
+        inputs = to_tensors(batch_feeds(pad_pairs(tokenizer.encode(query, [text]).pairs), True))
+        with torch.no_grad():
+            alone = model.score_parts(**inputs, every=True)
+        assert found[row].tolist() == pytest.approx([alone[n].item() for n in PARTS], abs=1e-5)

@@ -1,0 +1,178 @@
+"""Weigh the gated model's score terms against each other on a dev set.
+
+The step-0 gated model's logit is a weighted sum of terms it computes anyway (the pooled cosine,
+MaxSim with uniform or IDF query weights, exact term matching), so one forward pass over a dev
+set's candidates gives every term of every pair, and any blend of them is then a sum: a grid of
+weights costs no more model time than one model. ``python -m crossrank_train.blend`` prints the
+grid's nDCG@10, each blend against the cosine alone (the bi-encoder) query by query; the weights
+chosen go to ``python -m crossrank_train.gated_bert`` to build the model.
+
+Only dev data belongs here: tuning on an eval set would make its figures meaningless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from crossrank.tokenization import PairTokenizer
+from crossrank_train.encoding import batch_feeds, to_tensors
+from crossrank_train.evaluate import (
+    EvalSet,
+    compare,
+    measure,
+    per_query_ndcg,
+    select_eval_set,
+)
+from crossrank_train.gated_bert import GatedBertForRanking
+from crossrank_train.models import tokenizer_file
+from crossrank_train.readers import Collection, Run, read_beir, read_pairs, read_wikiqa
+from crossrank_train.scoring import score_in_batches
+
+PARTS = ("cosine", "maxsim", "maxsim_idf", "lexical")
+
+
+@dataclass(frozen=True)
+class Blend:
+    cosine: float
+    maxsim: float
+    maxsim_idf: bool  # MaxSim's query tokens weighted by IDF (else uniformly)
+    lexical: float
+
+    @property
+    def name(self) -> str:
+        terms = [f"cos {self.cosine:g}"]
+        if self.maxsim:
+            terms.append(f"maxsim{'(idf)' if self.maxsim_idf else ''} {self.maxsim:g}")
+        if self.lexical:
+            terms.append(f"lexical {self.lexical:g}")
+        return " + ".join(terms)
+
+    def score(self, parts: np.ndarray) -> np.ndarray:
+        """``parts``: [pairs, len(PARTS)] as ``score_parts`` gives them."""
+        maxsim = parts[:, PARTS.index("maxsim_idf" if self.maxsim_idf else "maxsim")]
+        return (
+            self.cosine * parts[:, PARTS.index("cosine")]
+            + self.maxsim * maxsim
+            + self.lexical * parts[:, PARTS.index("lexical")]
+        )
+
+
+def score_parts(
+    model: GatedBertForRanking, tokenizer: PairTokenizer, eval_set: EvalSet, batch_size: int = 32
+) -> dict[str, np.ndarray]:
+    """Every candidate's terms, [candidates, len(PARTS)] per query in the candidates' order."""
+    if model.idf is None:
+        raise ValueError("the model has no IDF table: build it with --idf-corpus/--idf-pairs")
+
+    def run(batch) -> np.ndarray:
+        parts = model.score_parts(**to_tensors(batch_feeds(batch, True)), every=True)
+        return torch.stack([parts[name].float() for name in PARTS], dim=-1).numpy()
+
+    model.eval()
+    found: dict[str, np.ndarray] = {}
+    with torch.inference_mode():
+        for qid, query in tqdm(eval_set.queries.items(), desc="score terms", unit="query"):
+            passages = [eval_set.corpus[pid] for pid in eval_set.candidates[qid]]
+            if passages:
+                pairs = tokenizer.encode(query, passages).pairs
+                found[qid] = score_in_batches(pairs, batch_size, run)
+    return found
+
+
+def blend_run(blend: Blend, parts: dict[str, np.ndarray], eval_set: EvalSet) -> Run:
+    return {
+        qid: dict(zip(eval_set.candidates[qid], map(float, blend.score(rows)), strict=True))
+        for qid, rows in parts.items()
+    }
+
+
+def grid(cosine: float, maxsim: list[float], lexical: list[float]) -> list[Blend]:
+    blends = [Blend(cosine, m, idf, lex) for m, idf, lex in product(maxsim, (False, True), lexical)]
+    # Without MaxSim its weighting is moot: keep one of the two.
+    return [b for b in blends if b.maxsim or not b.maxsim_idf]
+
+
+def evaluate_blends(
+    blends: list[Blend], parts: dict[str, np.ndarray], eval_set: EvalSet
+) -> list[dict[str, object]]:
+    """nDCG@10, MRR@10, R@100 of every blend, and its nDCG@10 against the cosine alone."""
+    baseline = per_query_ndcg(eval_set.qrels, blend_run(Blend(1, 0, False, 0), parts, eval_set))
+    rows: list[dict[str, object]] = []
+    for blend in tqdm(blends, desc="blends"):
+        run = blend_run(blend, parts, eval_set)
+        versus = compare(
+            blend.name,
+            per_query_ndcg(eval_set.qrels, run),
+            "cosine",
+            baseline,
+            eval_set.qrels,
+        )
+        rows.append(
+            {
+                "blend": asdict(blend),
+                "name": blend.name,
+                **measure(eval_set.qrels, run),
+                "vs_cosine": versus.as_record(),
+            }
+        )
+    return rows
+
+
+def _collection(args: argparse.Namespace) -> Collection:
+    if args.pairs:
+        return read_pairs(args.pairs, args.corpus)
+    if args.wikiqa:
+        return read_wikiqa(args.wikiqa)
+    if args.queries and args.qrels and args.corpus:
+        return read_beir(args.corpus, args.queries, args.qrels)
+    raise SystemExit("give --queries, --qrels and --corpus, or --pairs, or --wikiqa")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m crossrank_train.blend", description=__doc__)
+    parser.add_argument("--model", type=Path, required=True, help="gated checkpoint with IDF")
+    parser.add_argument("--queries", type=Path)
+    parser.add_argument("--qrels", type=Path)
+    parser.add_argument("--corpus", type=Path)
+    parser.add_argument("--pairs", type=Path, help="query/positives/negatives JSONL(.gz)")
+    parser.add_argument("--wikiqa", type=Path, help="WikiQA TSV")
+    parser.add_argument("--depth", type=int, default=30, help="BM25 candidates per query")
+    parser.add_argument("--max-queries", type=int, help="the first N judged queries")
+    parser.add_argument("--max-length", type=int, default=256, help="pair tokens, as served")
+    parser.add_argument("--cosine", type=float, default=10.0, help="weight of the cosine")
+    parser.add_argument("--maxsim", type=float, nargs="+", default=[0.0, 5.0, 10.0, 20.0])
+    parser.add_argument("--lexical", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0, 8.0])
+    parser.add_argument("--out", type=Path, help="JSON file for every blend's figures")
+    args = parser.parse_args(argv)
+
+    eval_set = select_eval_set(_collection(args), depth=args.depth, max_queries=args.max_queries)
+    model = GatedBertForRanking.from_pretrained(str(args.model))
+    tokenizer = PairTokenizer(tokenizer_file(args.model), 64, args.max_length)
+    parts = score_parts(model, tokenizer, eval_set)
+    rows = evaluate_blends(grid(args.cosine, args.maxsim, args.lexical), parts, eval_set)
+    rows.sort(key=lambda row: row["nDCG@10"], reverse=True)  # type: ignore[arg-type,return-value]
+    first = measure(eval_set.qrels, eval_set.candidates)["nDCG@10"]
+    print(f"{len(eval_set.queries)} queries, top {args.depth} of {eval_set.first_stage}")
+    print(f"{eval_set.first_stage}: nDCG@10 {first:.4f}")
+    for row in rows:
+        versus = row["vs_cosine"]
+        print(
+            f"{row['nDCG@10']:.4f}  {row['name']:<40} vs cosine {versus['delta']:+.4f} "  # type: ignore[index]
+            f"p {versus['p_value']:.3g}"  # type: ignore[index]
+        )
+    if args.out:
+        record = {"queries": len(eval_set.queries), "depth": args.depth, "first_stage": first}
+        args.out.write_text(json.dumps({**record, "blends": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
