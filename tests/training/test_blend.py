@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from tiny_model import build_tokenizer
 
 from crossrank.collate import pad_pairs
 from crossrank.tokenization import PairTokenizer
-from crossrank_train.blend import PARTS, Blend, evaluate_blends, grid, score_parts
+from crossrank_train.blend import PARTS, Blend, combine, evaluate_blends, grid, score_parts
 from crossrank_train.encoding import batch_feeds, to_tensors
 from crossrank_train.evaluate import EvalSet
 from crossrank_train.gated_bert import from_bi_encoder, pair_template_tokenizer
@@ -75,3 +76,19 @@ def test_terms_scored_for_the_grid_are_the_models_own(tmp_path: Path) -> None:
         with torch.no_grad():
             alone = model.score_parts(**inputs, every=True)
         assert found[row].tolist() == pytest.approx([alone[n].item() for n in PARTS], abs=1e-5)
+
+
+def test_combine_ranks_blends_by_their_mean_over_dev_sets(tmp_path: Path) -> None:
+    def write(name: str, figures: dict[str, float]) -> Path:
+        path = tmp_path / f"{name}.json"
+        blends = [{"name": blend, "nDCG@10": value} for blend, value in figures.items()]
+        path.write_text(json.dumps({"blends": blends}))
+        return path
+
+    first = write("a", {"cos 10": 0.30, "cos 10 + lexical 2": 0.40, "only here": 0.9})
+    second = write("b", {"cos 10": 0.30, "cos 10 + lexical 2": 0.36})
+
+    table = combine([first, second])
+
+    assert [name for name, _, _ in table] == ["cos 10 + lexical 2", "cos 10"]
+    assert table[0][1] == pytest.approx(0.38) and table[0][2] == [0.40, 0.36]

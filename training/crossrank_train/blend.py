@@ -136,9 +136,31 @@ def _collection(args: argparse.Namespace) -> Collection:
     raise SystemExit("give --queries, --qrels and --corpus, or --pairs, or --wikiqa")
 
 
+def combine(results: list[Path]) -> list[tuple[str, float, list[float]]]:
+    """Blends measured on every one of several dev sets (``--out`` files), best mean nDCG@10
+    first: (name, mean, one figure per file)."""
+    per_set = [
+        {row["name"]: row["nDCG@10"] for row in json.loads(path.read_text())["blends"]}
+        for path in results
+    ]
+    common = [name for name in per_set[0] if all(name in figures for figures in per_set)]
+    table = [
+        (name, float(np.mean(figures)), figures)
+        for name in common
+        for figures in [[f[name] for f in per_set]]
+    ]
+    return sorted(table, key=lambda row: row[1], reverse=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m crossrank_train.blend", description=__doc__)
-    parser.add_argument("--model", type=Path, required=True, help="gated checkpoint with IDF")
+    parser.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        help="rank the blends of these --out files by their mean nDCG@10 (and run nothing)",
+    )
+    parser.add_argument("--model", type=Path, help="gated checkpoint with an IDF table")
     parser.add_argument("--queries", type=Path)
     parser.add_argument("--qrels", type=Path)
     parser.add_argument("--corpus", type=Path)
@@ -152,7 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lexical", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0, 8.0])
     parser.add_argument("--out", type=Path, help="JSON file for every blend's figures")
     args = parser.parse_args(argv)
-
+    if args.combine:
+        print("mean    " + "  ".join(f"{path.stem:>10.10}" for path in args.combine) + "  blend")
+        for name, mean, figures in combine(args.combine):
+            print(f"{mean:.4f}  " + "  ".join(f"{f:>10.4f}" for f in figures) + f"  {name}")
+        return 0
+    if args.model is None:
+        parser.error("give --model (or --combine)")
     eval_set = select_eval_set(_collection(args), depth=args.depth, max_queries=args.max_queries)
     model = GatedBertForRanking.from_pretrained(str(args.model))
     tokenizer = PairTokenizer(tokenizer_file(args.model), 64, args.max_length)

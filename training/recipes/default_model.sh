@@ -3,14 +3,15 @@
 # Usage: training/recipes/default_model.sh DATA_DIR WORK_DIR [STEP...]
 #   DATA_DIR: the shared relevance data (../shared/data from the project root)
 #   WORK_DIR: where mined groups, checkpoints and reports go (not the repo: it is large)
-#   STEP: any of init mine mix train export eval (default: all, in that order)
+#   STEP: any of blend init mine mix train export eval (default: all but mine mix train, in that
+#   order: the shipped model is the step-0 network, see CHECKPOINT)
 # RESUME="--resume latest" continues a cut-off train step. CHECKPOINT picks what export ships:
 # by default step 50, the best on the NFCorpus dev set (README.md, "The default model"; the run
 # that made it was stopped at step 250 when dev kept falling; step 50 depends on --steps 500
 # through the warm-up and decay schedule).
 set -euo pipefail
 DATA=${1:?DATA_DIR}; WORK=${2:?WORK_DIR}; shift 2
-STEPS=${*:-init mine mix train export eval}
+STEPS=${*:-blend init export eval}
 CR=${CROSSRANK:-crossrank}
 PY=${PYTHON:-python}
 CHECKPOINT=${CHECKPOINT:-$WORK/train/checkpoints/step-000050/model}
@@ -20,10 +21,28 @@ NF_DEV="--dev-queries $DATA/nfcorpus/dev.titles.preprocessed.queries.tsv
   --dev-qrels $DATA/nfcorpus/qrels/dev.tsv --dev-corpus $DATA/nfcorpus/corpus_preprocessed.jsonl.gz
   --dev-max-queries 100 --dev-depth 30"
 
+# The reference corpus the IDF table of the lexical term is counted over: the training sources'
+# passages (Wikipedia, PubMed, NIH), none of an eval set's.
+IDF="--idf-corpus $DATA/squad-v1.1/corpus_train.jsonl.gz $DATA/nfcorpus/corpus_preprocessed.jsonl.gz
+  $DATA/scifact/corpus.jsonl.gz --idf-pairs $DATA/nq-qed/train.jsonl.gz $DATA/medquad/medquad.jsonl.gz"
+
 for step in $STEPS; do case $step in
-init)  # the segment-gated cross-encoder: at step 0 the all-MiniLM-L6-v2 bi-encoder's cosine plus
-  # MaxSim over its token states, 1:1 (the best of three ratios on NFCorpus dev: README.md)
-  $PY -m crossrank_train.gated_bert --out "$WORK/init" --cosine-scale 10 --maxsim-scale 10 ;;
+blend)  # the weights of the score's terms, chosen on dev sets (training sources, never eval sets):
+  # one forward pass over each set's BM25 top 30 scores every term, then a grid of blends
+  # shellcheck disable=SC2086  # IDF is a list of flags
+  $PY -m crossrank_train.gated_bert --out "$WORK/init-terms" --cosine-scale 1 --maxsim-scale 1 \
+    --lexical-scale 1 $IDF
+  BLEND="$PY -m crossrank_train.blend --model $WORK/init-terms --depth 30"
+  $BLEND --queries "$DATA/nfcorpus/dev.titles.preprocessed.queries.tsv" \
+    --qrels "$DATA/nfcorpus/qrels/dev.tsv" --corpus "$DATA/nfcorpus/corpus_preprocessed.jsonl.gz" \
+    --out "$WORK/blend-nfcorpus-dev.json"
+  $BLEND --pairs "$DATA/nq-qed/train.jsonl.gz" --max-queries 200 --out "$WORK/blend-nq-train.json"
+  $BLEND --wikiqa "$DATA/wikiqa/dev.tsv" --out "$WORK/blend-wikiqa-dev.json" ;;
+init)  # the segment-gated cross-encoder: at step 0 the all-MiniLM-L6-v2 bi-encoder's cosine,
+  # MaxSim over its token states and exact term matching, weighted as the blend step chose
+  # shellcheck disable=SC2086  # IDF is a list of flags
+  $PY -m crossrank_train.gated_bert --out "$WORK/init" --cosine-scale 10 --maxsim-scale 10 \
+    --lexical-scale TODO $IDF ;;
 mine)  # 7 negatives per positive: hits of the all-MiniLM-L6-v2 bi-encoder at ranks 3-30 where a
   # corpus is small enough to embed here (the mistakes the cross-attention must fix), BM25 ranks
   # 10-100 elsewhere; 1 random passage each
