@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,7 @@ from crossrank_train.export import (
     export_checkpoint,
     export_model_dir,
 )
-from crossrank_train.models import load_cross_encoder, tokenizer_file
+from crossrank_train.models import PROVENANCE_FILE, load_cross_encoder, tokenizer_file
 from crossrank_train.scoring import TorchScorer
 
 
@@ -193,3 +195,24 @@ def test_ship_keeps_only_the_chosen_variants(graded_checkpoint: Path, tmp_path: 
     assert not (model_dir.path / "model.onnx").exists()
     # The gates still ran against fp32 before it was left out.
     assert set(meta.training["export"]["agreement"]) == {"int8", "fp16"}
+
+
+def test_an_activation_recorded_with_the_checkpoint_overrides_the_loss(
+    graded_checkpoint: Path, tmp_path: Path
+) -> None:
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(graded_checkpoint, checkpoint)
+    provenance = checkpoint / PROVENANCE_FILE
+    record = json.loads(provenance.read_text())
+    provenance.write_text(json.dumps({**record, "loss": "bce", "activation": "identity"}))
+
+    model_dir = export_checkpoint(
+        checkpoint,
+        tmp_path / "model",
+        name="recorded",
+        sample=graded_cases(6, GRADED_LEVELS, seed=1),
+        sample_source="toy",
+        variants=("fp32",),
+    )
+
+    assert load_model_dir(model_dir.path).metadata.activation == Activation.IDENTITY

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,14 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertMod
 from crossrank.collate import pad_pairs
 from crossrank.tokenization import PairTokenizer
 from crossrank_train.export import export_onnx, onnx_logits
-from crossrank_train.gated_bert import from_bi_encoder, pair_template_tokenizer, term_idf
+from crossrank_train.gated_bert import (
+    GatedBertForRanking,
+    from_bi_encoder,
+    pair_template_tokenizer,
+    term_idf,
+)
+from crossrank_train.gated_bert import main as gated_bert_main
+from crossrank_train.models import read_provenance
 from crossrank_train.train import TrainConfig, _optimizer
 
 QUERY = "what is the capital of france"
@@ -257,3 +265,26 @@ def test_without_a_gate_rate_gates_train_in_the_heads_groups(tmp_path: Path) -> 
     ]
     assert groups[2][2] == {"classifier.weight"}
     assert "bert.encoder.layer.0.attention.self.cross_gate" in groups[3][2]
+
+
+def test_the_init_command_counts_idf_and_records_logits_that_are_no_log_odds(
+    tmp_path: Path,
+) -> None:
+    source = bi_encoder_dir(tmp_path)
+    build_tokenizer().save(str(source / "tokenizer.json"))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        "\n".join(json.dumps({"_id": str(i), "text": t}) for i, t in enumerate(REFERENCE)) + "\n"
+    )
+    out = tmp_path / "init"
+
+    argv = ["--bi-encoder", str(source), "--out", str(out), "--maxsim-scale", "2"]
+    assert gated_bert_main([*argv, "--lexical-scale", "1", "--idf-corpus", str(corpus)]) == 0
+
+    model = GatedBertForRanking.from_pretrained(out)
+    assert torch.equal(model.idf, idf_table()[0])
+    assert model.config.lexical_avg_length == pytest.approx(idf_table()[1])
+    provenance = read_provenance(out)
+    # The step-0 logits are scaled similarities: the export must not put them through a sigmoid.
+    assert provenance["activation"] == "identity"
+    assert provenance["idf_reference"] == ["corpus.jsonl"]

