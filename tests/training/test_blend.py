@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_gated_bert import bi_encoder_dir, idf_table
+from gated_fixtures import bi_encoder_dir, idf_table
 from tiny_model import build_tokenizer
 
 from crossrank.collate import pad_pairs
@@ -92,3 +92,15 @@ def test_combine_ranks_blends_by_their_mean_over_dev_sets(tmp_path: Path) -> Non
 
     assert [name for name, _, _ in table] == ["cos 10 + lexical 2", "cos 10"]
     assert table[0][1] == pytest.approx(0.38) and table[0][2] == [0.40, 0.36]
+
+
+def test_only_a_step_zero_model_is_described_by_its_terms(tmp_path: Path) -> None:
+    model = from_bi_encoder(bi_encoder_dir(tmp_path), lexical_scale=1.0, idf=idf_table())
+    with torch.no_grad():
+        model.bert.encoder.layer[0].attention.self.cross_gate[0] = 0.1
+    tokenizer_path = tmp_path / "tokenizer.json"
+    pair_template_tokenizer(build_tokenizer()).save(str(tokenizer_path))
+    eval_set = EvalSet({"q": "paris"}, {"p": "paris"}, {"q": {"p": 1}}, {"q": {"p": 0.0}}, "x")
+
+    with pytest.raises(ValueError, match="step-0"):
+        score_parts(model, PairTokenizer(tokenizer_path, 16, 128), eval_set)

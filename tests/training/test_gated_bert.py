@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gated_fixtures import REFERENCE, bi_encoder_dir, idf_table
 from tiny_model import build_tokenizer
-from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
+from transformers import AutoModelForSequenceClassification, BertModel
 
 from crossrank.collate import pad_pairs
 from crossrank.tokenization import PairTokenizer
@@ -18,29 +19,18 @@ from crossrank_train.gated_bert import (
     GatedBertForRanking,
     from_bi_encoder,
     pair_template_tokenizer,
-    term_idf,
 )
 from crossrank_train.gated_bert import main as gated_bert_main
 from crossrank_train.models import read_provenance
 from crossrank_train.train import TrainConfig, _optimizer
 
 QUERY = "what is the capital of france"
-PASSAGES = ["paris is the capital of france", "the cat", "blue sky and river water over the city"]
-
-
-def bi_encoder_dir(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=build_tokenizer().get_vocab_size(),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    out = tmp_path / "bi"
-    BertModel(config, add_pooling_layer=False).save_pretrained(out)
-    return out
+PASSAGES = [
+    "paris is the capital of france",
+    "the cat",
+    "blue sky and river water over the city",
+    "france france france and paris",  # a repeated term: BM25's saturation
+]
 
 
 def token_states(model: BertModel, tokenizer, text: str) -> torch.Tensor:
@@ -112,14 +102,6 @@ def test_training_opens_the_cross_attention(tmp_path: Path) -> None:
     gates = torch.cat([layer.attention.self.cross_gate for layer in model.bert.encoder.layer])
     assert gates.abs().min() > 0
     assert model.classifier.weight.abs().sum() > 0
-
-
-REFERENCE = ["paris is the capital of france", "the river in paris", "a cat and a dog", "blue sky"]
-
-
-def idf_table() -> tuple[torch.Tensor, float]:
-    tokenizer = build_tokenizer()
-    return term_idf(tokenizer, REFERENCE, tokenizer.get_vocab_size())
 
 
 def test_term_idf_counts_documents_and_zeroes_special_tokens() -> None:
@@ -198,14 +180,17 @@ def test_the_lexical_term_needs_an_idf_table(tmp_path: Path) -> None:
         from_bi_encoder(bi_encoder_dir(tmp_path), lexical_scale=1.0)
 
 
-@pytest.mark.parametrize(("maxsim_scale", "lexical_scale"), [(0.0, 0.0), (4.0, 0.0), (4.0, 2.0)])
+@pytest.mark.parametrize(
+    ("maxsim_scale", "maxsim_idf", "lexical_scale"),
+    [(0.0, False, 0.0), (4.0, False, 0.0), (4.0, True, 0.0), (4.0, True, 2.0)],
+)
 def test_saves_loads_and_exports_with_parity(
-    tmp_path: Path, maxsim_scale: float, lexical_scale: float
+    tmp_path: Path, maxsim_scale: float, maxsim_idf: bool, lexical_scale: float
 ) -> None:
     model = from_bi_encoder(
         bi_encoder_dir(tmp_path),
         maxsim_scale=maxsim_scale,
-        maxsim_idf=bool(lexical_scale),
+        maxsim_idf=maxsim_idf,
         lexical_scale=lexical_scale,
         idf=idf_table(),
     ).eval()
@@ -288,3 +273,20 @@ def test_the_init_command_counts_idf_and_records_logits_that_are_no_log_odds(
     # The step-0 logits are scaled similarities: the export must not put them through a sigmoid.
     assert provenance["activation"] == "identity"
     assert provenance["idf_reference"] == ["corpus.jsonl"]
+
+
+def test_checkpoints_from_before_the_idf_terms_load_as_they_were(tmp_path: Path) -> None:
+    model = from_bi_encoder(bi_encoder_dir(tmp_path), maxsim_scale=4.0).eval()
+    model.save_pretrained(tmp_path / "old")
+    config_file = tmp_path / "old" / "config.json"
+    config = json.loads(config_file.read_text())
+    for key in ("maxsim_idf", "lexical_scale", "lexical_k1", "lexical_b", "lexical_avg_length"):
+        del config[key]
+    config_file.write_text(json.dumps(config))
+
+    loaded = GatedBertForRanking.from_pretrained(tmp_path / "old").eval()
+
+    assert loaded.idf is None and loaded.lexical_scale is None
+    inputs = {k: torch.from_numpy(v) for k, v in feeds(tmp_path).items()}
+    with torch.no_grad():
+        assert torch.allclose(loaded(**inputs).logits, model(**inputs).logits, atol=1e-6)

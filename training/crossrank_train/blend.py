@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from crossrank.collate import PaddedBatch
 from crossrank.tokenization import PairTokenizer
 from crossrank_train.encoding import batch_feeds, to_tensors
 from crossrank_train.evaluate import (
@@ -71,8 +72,13 @@ def score_parts(
     """Every candidate's terms, [candidates, len(PARTS)] per query in the candidates' order."""
     if model.idf is None:
         raise ValueError("the model has no IDF table: build it with --idf-corpus/--idf-pairs")
+    gates = torch.cat([layer.attention.self.cross_gate for layer in model.bert.encoder.layer])
+    if gates.any() or model.classifier.weight.any():
+        # A trained model's head and cross-attention are part of its score: no blend of the
+        # terms alone describes it.
+        raise ValueError("blend weighs the terms of a step-0 model (gates and head at 0)")
 
-    def run(batch) -> np.ndarray:
+    def run(batch: PaddedBatch) -> np.ndarray:
         parts = model.score_parts(**to_tensors(batch_feeds(batch, True)), every=True)
         return torch.stack([parts[name].float() for name in PARTS], dim=-1).numpy()
 

@@ -308,6 +308,7 @@ class GatedBertForRanking(PreTrainedModel):
         }
         late = self.maxsim_scale is not None
         # fp32 under bf16 autocast too: cosines of 0.004 apart would tie, times a scale of 10.
+        # (The fp16 GPU export converts these casts too; its agreement gate covers that.)
         with torch.autocast(hidden.device.type, enabled=False):
             hidden = hidden.float()
             if every or (late and not self.config.maxsim_idf):
@@ -362,10 +363,13 @@ def from_bi_encoder(
         lexical_scale=lexical_scale,
         **source.config.to_dict(),
     )
+    table = None
     if config.uses_idf:
         if idf is None:
             raise ValueError("the lexical term and IDF-weighted MaxSim need an IDF table")
-        config.lexical_avg_length = idf[1]
+        table, config.lexical_avg_length = idf
+        if table.shape != (config.vocab_size,):
+            raise ValueError(f"IDF table of {table.shape} for a vocabulary of {config.vocab_size}")
     config.architectures = [GatedBertForRanking.__name__]
     model = GatedBertForRanking(config)
     missing, unexpected = model.bert.load_state_dict(source.state_dict(), strict=False)
@@ -375,8 +379,8 @@ def from_bi_encoder(
         # The bi-encoder only ever saw segment 0: the passage starts with the same embedding.
         types = model.bert.embeddings.token_type_embeddings.weight
         types[1:] = types[0]
-        if model.idf is not None and idf is not None:
-            model.idf.copy_(idf[0])
+        if table is not None:
+            model.idf.copy_(table)
     return model.float()
 
 
@@ -479,7 +483,10 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer.no_truncation()
     tokenizer.no_padding()
     idf = None
-    if args.idf_corpus or args.idf_pairs:
+    wants_idf = bool(args.lexical_scale) or (bool(args.maxsim_scale) and args.maxsim_idf)
+    if wants_idf and not (args.idf_corpus or args.idf_pairs):
+        parser.error("--lexical-scale and --maxsim-idf need --idf-corpus or --idf-pairs")
+    if wants_idf:
         texts = reference_texts(args.idf_corpus, args.idf_pairs)
         idf = term_idf(tokenizer, texts, tokenizer.get_vocab_size())
         print(f"IDF over {len(texts)} passages, {idf[1]:.1f} tokens on average")

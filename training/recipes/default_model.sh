@@ -22,7 +22,8 @@ NF_DEV="--dev-queries $DATA/nfcorpus/dev.titles.preprocessed.queries.tsv
   --dev-max-queries 100 --dev-depth 30"
 
 # The reference corpus the IDF table of the lexical term is counted over: the training sources'
-# passages (Wikipedia, PubMed, NIH), none of an eval set's.
+# passages (Wikipedia, PubMed, NIH). SciFact's corpus is also its test split's (as BM25's own
+# statistics are); no TREC DL, SQuAD dev or NQ dev text is in it.
 IDF="--idf-corpus $DATA/squad-v1.1/corpus_train.jsonl.gz $DATA/nfcorpus/corpus_preprocessed.jsonl.gz
   $DATA/scifact/corpus.jsonl.gz --idf-pairs $DATA/nq-qed/train.jsonl.gz $DATA/medquad/medquad.jsonl.gz"
 
@@ -45,6 +46,7 @@ blend)  # the weights of the score's terms, chosen on dev sets (training sources
     "$WORK/blend-nq-train.json" "$WORK/blend-wikiqa-dev.json" "$WORK/blend-scifact-train.json" ;;
 init)  # the segment-gated cross-encoder: at step 0 the all-MiniLM-L6-v2 bi-encoder's cosine,
   # MaxSim over its token states and exact term matching, weighted as the blend step chose
+  # (written here by hand from its --combine table: change both together)
   # shellcheck disable=SC2086  # IDF is a list of flags
   $PY -m crossrank_train.gated_bert --out "$WORK/init" --cosine-scale 10 --maxsim-scale 10 \
     --maxsim-idf --lexical-scale 2 $IDF ;;
