@@ -14,9 +14,11 @@ from tiny_model import build_tokenizer
 from crossrank.collate import pad_pairs
 from crossrank.tokenization import PairTokenizer
 from crossrank_train.blend import PARTS, Blend, combine, evaluate_blends, grid, score_parts
+from crossrank_train.blend import main as blend_main
 from crossrank_train.encoding import batch_feeds, to_tensors
 from crossrank_train.evaluate import EvalSet
 from crossrank_train.gated_bert import from_bi_encoder, pair_template_tokenizer
+from crossrank_train.gated_bert import main as gated_bert_main
 
 
 def parts_of(**columns: list[float]) -> np.ndarray:
@@ -104,3 +106,31 @@ def test_only_a_step_zero_model_is_described_by_its_terms(tmp_path: Path) -> Non
 
     with pytest.raises(ValueError, match="step-0"):
         score_parts(model, PairTokenizer(tokenizer_path, 16, 128), eval_set)
+
+
+def test_the_blend_command_measures_a_grid_on_a_dev_set(tmp_path: Path) -> None:
+    source = bi_encoder_dir(tmp_path)
+    build_tokenizer().save(str(source / "tokenizer.json"))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"_id": "0", "text": "paris is the capital of france"}) + "\n")
+    init = tmp_path / "init"
+    argv = ["--bi-encoder", str(source), "--out", str(init), "--maxsim-scale", "1"]
+    assert gated_bert_main([*argv, "--lexical-scale", "1", "--idf-corpus", str(corpus)]) == 0
+    pairs = tmp_path / "pairs.jsonl"
+    records = [
+        {"id": "q1", "query": "capital of france", "positives": ["paris is the capital of france"]},
+        {"id": "q2", "query": "a cat", "positives": ["the cat and a dog"]},
+        {"id": "q3", "query": "blue sky", "positives": ["the blue sky over the river"]},
+    ]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "blend.json"
+
+    grid_flags = ["--maxsim", "0", "1", "--lexical", "0", "1", "--out", str(out)]
+    assert blend_main(["--model", str(init), "--pairs", str(pairs), *grid_flags]) == 0
+
+    result = json.loads(out.read_text())
+    assert result["queries"] == 3
+    assert len(result["blends"]) == 6
+    names = {row["name"] for row in result["blends"]}
+    assert {"cos 10", "cos 10 + maxsim(idf) 1 + lexical 1"} <= names
+    assert all(0.0 <= row["nDCG@10"] <= 1.0 for row in result["blends"])

@@ -34,7 +34,7 @@ from crossrank_train.evaluate import (
 )
 from crossrank_train.gated_bert import GatedBertForRanking
 from crossrank_train.models import tokenizer_file
-from crossrank_train.readers import Collection, Run, read_beir, read_pairs, read_wikiqa
+from crossrank_train.readers import Run, read_collection
 from crossrank_train.scoring import score_in_batches
 
 PARTS = ("cosine", "maxsim", "maxsim_idf", "lexical")
@@ -132,16 +132,6 @@ def evaluate_blends(
     return rows
 
 
-def _collection(args: argparse.Namespace) -> Collection:
-    if args.pairs:
-        return read_pairs(args.pairs, args.corpus)
-    if args.wikiqa:
-        return read_wikiqa(args.wikiqa)
-    if args.queries and args.qrels and args.corpus:
-        return read_beir(args.corpus, args.queries, args.qrels)
-    raise SystemExit("give --queries, --qrels and --corpus, or --pairs, or --wikiqa")
-
-
 def combine(results: list[Path]) -> list[tuple[str, float, list[float]]]:
     """Blends measured on every one of several dev sets (``--out`` files), best mean nDCG@10
     first: (name, mean, one figure per file)."""
@@ -187,7 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.model is None:
         parser.error("give --model (or --combine)")
-    eval_set = select_eval_set(_collection(args), depth=args.depth, max_queries=args.max_queries)
+    sources = {k: getattr(args, k) for k in ("queries", "qrels", "corpus", "pairs", "wikiqa")}
+    try:
+        collection = read_collection(**sources)
+    except ValueError as error:
+        parser.error(str(error))
+    eval_set = select_eval_set(collection, depth=args.depth, max_queries=args.max_queries)
     model = GatedBertForRanking.from_pretrained(str(args.model))
     tokenizer = PairTokenizer(tokenizer_file(args.model), 64, args.max_length)
     parts = score_parts(model, tokenizer, eval_set)

@@ -24,7 +24,7 @@ from crossrank_train.groups import read_groups, write_groups
 from crossrank_train.losses import LOSSES
 from crossrank_train.mining import MiningConfig, add_teacher_scores, mine_groups
 from crossrank_train.models import CheckpointError
-from crossrank_train.readers import Collection, read_beir, read_pairs, read_wikiqa
+from crossrank_train.readers import Collection, read_collection
 from crossrank_train.scoring import BiEncoderScorer, Scorer, load_scorer
 from crossrank_train.train import TrainConfig, train
 
@@ -208,14 +208,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _mine(args: argparse.Namespace) -> int:
-    if args.pairs:
-        collection = read_pairs(args.pairs, args.corpus)
-    elif args.wikiqa:
-        collection = read_wikiqa(args.wikiqa)
-    elif args.queries and args.qrels and args.corpus:
-        collection = read_beir(args.corpus, args.queries, args.qrels)
-    else:
-        raise ValueError("give --queries, --qrels and --corpus, or --pairs, or --wikiqa")
+    collection = read_collection(
+        queries=args.queries,
+        qrels=args.qrels,
+        corpus=args.corpus,
+        pairs=args.pairs,
+        wikiqa=args.wikiqa,
+    )
     judged = (q for q in collection.queries if q in collection.qrels)
     queries = {q: collection.queries[q] for q in islice(judged, args.max_queries)}
     config = MiningConfig(

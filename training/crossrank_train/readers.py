@@ -157,3 +157,22 @@ def read_pairs(path: str | Path, corpus: str | Path | None = None) -> Collection
                 collection.corpus[pid] = text
                 judged[pid] = grade
     return collection
+
+
+def read_collection(
+    *,
+    queries: str | Path | None = None,
+    qrels: str | Path | None = None,
+    corpus: str | Path | None = None,
+    pairs: str | Path | None = None,
+    wikiqa: str | Path | None = None,
+) -> Collection:
+    """Whichever source the paths name: a pairs JSONL (with an optional corpus), a WikiQA TSV,
+    or BEIR/TREC queries, qrels and corpus together."""
+    if pairs:
+        return read_pairs(pairs, corpus)
+    if wikiqa:
+        return read_wikiqa(wikiqa)
+    if queries and qrels and corpus:
+        return read_beir(corpus, queries, qrels)
+    raise ValueError("give --queries, --qrels and --corpus, or --pairs, or --wikiqa")
