@@ -30,5 +30,4 @@ REFERENCE = ["paris is the capital of france", "the river in paris", "a cat and 
 
 
 def idf_table() -> tuple[torch.Tensor, float]:
-    tokenizer = build_tokenizer()
-    return term_idf(tokenizer, REFERENCE, tokenizer.get_vocab_size())
+    return term_idf(build_tokenizer(), REFERENCE)

@@ -139,12 +139,11 @@ def combine(results: list[Path]) -> list[tuple[str, float, list[float]]]:
         {row["name"]: row["nDCG@10"] for row in json.loads(path.read_text())["blends"]}
         for path in results
     ]
-    common = [name for name in per_set[0] if all(name in figures for figures in per_set)]
-    table = [
-        (name, float(np.mean(figures)), figures)
-        for name in common
-        for figures in [[f[name] for f in per_set]]
-    ]
+    table = []
+    for name in per_set[0]:
+        if all(name in figures for figures in per_set):
+            figures = [f[name] for f in per_set]
+            table.append((name, float(np.mean(figures)), figures))
     return sorted(table, key=lambda row: row[1], reverse=True)
 
 

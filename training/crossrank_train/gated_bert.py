@@ -18,15 +18,16 @@ the passage segment. Inside:
   (IDF times saturated term frequency, passage-length normalised), over the WordPiece ids of the
   pair itself, divided by the query's total IDF so that it lies in [0, k1 + 1) for any query.
 
-So at step 0 the score is the bi-encoder's cosine (``b = 0``) or that cosine plus MaxSim over the
-bi-encoder's own token embeddings, and training opens the cross-attention and learns a correction
-on top. MaxSim is there because it is the bi-encoder's token-level knowledge used as is: on the dev
-sets it re-ranks better than the pooled cosine before any training (README.md, "The default
-model", has the figures and the commands). The lexical term is there because a bi-encoder
-misses exact matches of rare terms (names, numbers, jargon) that BM25 catches: the two are known
-to fail on different queries. Its IDF table is a buffer of the model, counted once over a
-reference corpus when the model is built (``term_idf``), so serving needs nothing but the pair.
-It is still three inputs and one logit: the service cannot tell it from any other cross-encoder.
+So at step 0 the score is the bi-encoder's cosine plus, where their scales are set, MaxSim over
+the bi-encoder's own token embeddings and exact term matching, and training opens the
+cross-attention and learns a correction on top. MaxSim is there because it is the bi-encoder's
+token-level knowledge used as is: on the dev sets it re-ranks better than the pooled cosine before
+any training (README.md, "The default model", has the figures and the commands). The lexical term is
+there because a bi-encoder misses exact matches of rare terms (names, numbers, jargon) that BM25
+catches: the two are known to fail on different queries. Its IDF table is a buffer of the model,
+counted once over a reference corpus when the model is built (``term_idf``), so serving needs
+nothing but the pair. It is still three inputs and one logit: the service cannot tell it from any
+other cross-encoder.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ from transformers.models.bert.modeling_bert import (
     BertOutput,
     BertSelfOutput,
 )
+
+from crossrank_train.readers import read_corpus, read_pairs
 
 # Added to the scores of masked keys: exp() of it is 0 in fp32 and bf16, and it stays finite in
 # fp16 (unlike finfo.min, which overflows when two masks add).
@@ -197,12 +200,12 @@ def lexical_match(
 
 
 def term_idf(
-    tokenizer: Tokenizer, texts: Iterable[str], vocab_size: int, batch: int = 2048
+    tokenizer: Tokenizer, texts: Iterable[str], batch: int = 2048
 ) -> tuple[torch.Tensor, float]:
     """Each token id's IDF over ``texts`` (Lucene's BM25 form, log(1 + (N - df + .5)/(df + .5)))
     and the texts' mean length in tokens with [CLS] and [SEP], as the passage segment counts it.
     Special tokens get 0: they are in every pair and carry no evidence."""
-    df = np.zeros(vocab_size, dtype=np.int64)
+    df = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
     count = total = 0
     texts = list(texts)
     for start in range(0, len(texts), batch):
@@ -387,8 +390,6 @@ def from_bi_encoder(
 def reference_texts(corpora: Iterable[Path], pairs: Iterable[Path]) -> list[str]:
     """The passages of BEIR corpus files and of query/positives/negatives JSONL files: the
     reference corpus the IDF table is counted over."""
-    from crossrank_train.readers import read_corpus, read_pairs
-
     texts = [text for path in corpora for text in read_corpus(path).values()]
     texts += [text for path in pairs for text in read_pairs(path).corpus.values()]
     return texts
@@ -488,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--lexical-scale and --maxsim-idf need --idf-corpus or --idf-pairs")
     if wants_idf:
         texts = reference_texts(args.idf_corpus, args.idf_pairs)
-        idf = term_idf(tokenizer, texts, tokenizer.get_vocab_size())
+        idf = term_idf(tokenizer, texts)
         print(f"IDF over {len(texts)} passages, {idf[1]:.1f} tokens on average")
     model = from_bi_encoder(
         args.bi_encoder,
