@@ -13,29 +13,50 @@ from tiny_model import build_tokenizer
 
 from crossrank.collate import pad_pairs
 from crossrank.tokenization import PairTokenizer
-from crossrank_train.blend import PARTS, Blend, combine, evaluate_blends, grid, score_parts
+from crossrank_train.blend import (
+    Blend,
+    combine,
+    evaluate_blends,
+    grid,
+    lexical_column,
+    load_parts,
+    save_parts,
+    score_parts,
+)
 from crossrank_train.blend import main as blend_main
 from crossrank_train.encoding import batch_feeds, to_tensors
 from crossrank_train.evaluate import EvalSet
-from crossrank_train.gated_bert import from_bi_encoder, pair_template_tokenizer
+from crossrank_train.gated_bert import BM25Params, from_bi_encoder, pair_template_tokenizer
 from crossrank_train.gated_bert import main as gated_bert_main
 
 
-def parts_of(**columns: list[float]) -> np.ndarray:
-    return np.stack([np.array(columns[name], dtype=np.float32) for name in PARTS], axis=-1)
+def terms(**columns: list[float]) -> dict[str, np.ndarray]:
+    return {
+        lexical_column(1.2, 0.75) if name == "lexical" else name: np.array(values, dtype=np.float32)
+        for name, values in columns.items()
+    }
 
 
 def test_a_blend_is_the_weighted_sum_of_its_terms() -> None:
-    parts = parts_of(cosine=[0.5, 0.1], maxsim=[0.2, 0.4], maxsim_idf=[0.3, 0.9], lexical=[1, 0])
+    parts = terms(cosine=[0.5, 0.1], maxsim=[0.2, 0.4], maxsim_idf=[0.3, 0.9], lexical=[1, 0])
+    parts[lexical_column(0.9, 0.4)] = np.array([0.0, 2.0], dtype=np.float32)
     assert Blend(10, 2, False, 3).score(parts).tolist() == pytest.approx([8.4, 1.8])
     assert Blend(10, 2, True, 0).score(parts).tolist() == pytest.approx([5.6, 2.8])
+    assert Blend(10, 0, False, 1, 0.9, 0.4).score(parts).tolist() == pytest.approx([5.0, 3.0])
 
 
-def test_the_grid_has_one_blend_without_maxsim_per_lexical_weight() -> None:
+def test_the_grid_has_one_blend_per_distinct_score() -> None:
+    # MaxSim: none, 5 uniform, 5 IDF-weighted; times lexical 0 and 1.
     blends = grid(10, [0, 5], [0, 1])
-    assert len(blends) == len(set(blends)) == 2 + 2 * 2
+    assert len(blends) == len(set(blends)) == 3 * 2
     assert Blend(10, 0, False, 1) in blends and Blend(10, 0, True, 1) not in blends
     assert Blend(10, 5, True, 1).name == "cos 10 + maxsim(idf) 5 + lexical 1"
+    # BM25's parameters multiply the blends with a lexical term only.
+    tuned = grid(10, [0, 5], [0, 1], [(1.2, 0.75), (0.9, 0.4)])
+    assert len(tuned) == len(set(tuned)) == 3 * (1 + 2)
+    assert (
+        Blend(10, 5, True, 1, 0.9, 0.4).name == "cos 10 + maxsim(idf) 5 + lexical 1 (k1 0.9, b 0.4)"
+    )
 
 
 def test_blends_are_measured_against_the_cosine_alone() -> None:
@@ -47,7 +68,7 @@ def test_blends_are_measured_against_the_cosine_alone() -> None:
         {"q1": {"p1": 0, "p2": 0}, "q2": {"p3": 0, "p4": 0}},
         "first",
     )
-    wrong = parts_of(cosine=[0.1, 0.5], maxsim=[0, 0], maxsim_idf=[0, 0], lexical=[1.0, 0.0])
+    wrong = terms(cosine=[0.1, 0.5], maxsim=[0, 0], maxsim_idf=[0, 0], lexical=[1.0, 0.0])
     parts = {"q1": wrong, "q2": wrong}
     rows = {row["name"]: row for row in evaluate_blends(grid(1, [0], [0, 10]), parts, eval_set)}
 
@@ -69,15 +90,37 @@ def test_terms_scored_for_the_grid_are_the_models_own(tmp_path: Path) -> None:
     eval_set = EvalSet(
         {"q": query}, passages, {"q": {"p1": 1}}, {"q": dict.fromkeys(passages, 0.0)}, "x"
     )
+    other = from_bi_encoder(
+        bi_encoder_dir(tmp_path),
+        lexical_scale=1.0,
+        idf=idf_table(),
+        bm25=BM25Params(k1=0.5, b=0.2),
+    ).eval()
 
-    found = score_parts(model, tokenizer, eval_set, batch_size=2)["q"]
+    parts = score_parts(model, tokenizer, eval_set, [(1.2, 0.75), (0.5, 0.2)], batch_size=2)
+    found = parts["q"]
 
-    # Scored in padded batches of 2, in length order: each row must be its own passage's terms.
+    # Scored in padded batches of 2, in length order: each row must be its own passage's terms,
+    # and the lexical term with other BM25 parameters that of a model built with them.
     for row, text in enumerate(passages.values()):
         inputs = to_tensors(batch_feeds(pad_pairs(tokenizer.encode(query, [text]).pairs), True))
         with torch.no_grad():
             alone = model.score_parts(**inputs, every=True)
-        assert found[row].tolist() == pytest.approx([alone[n].item() for n in PARTS], abs=1e-5)
+            tuned = other.score_parts(**inputs)
+        for name in ("cosine", "maxsim", "maxsim_idf"):
+            assert found[name][row] == pytest.approx(alone[name].item(), abs=1e-5)
+        lexical = found[lexical_column(1.2, 0.75)][row]
+        assert lexical == pytest.approx(alone["lexical"].item(), abs=1e-5)
+        assert found[lexical_column(0.5, 0.2)][row] == pytest.approx(tuned["lexical"].item())
+
+    # Saved terms come back as they were, for this eval set only.
+    save_parts(tmp_path / "parts.npz", parts, eval_set)
+    loaded = load_parts(tmp_path / "parts.npz", eval_set)
+    assert loaded.keys() == parts.keys()
+    assert all(np.array_equal(loaded["q"][n], found[n]) for n in found)
+    fewer = EvalSet(eval_set.queries, passages, eval_set.qrels, {"q": {"p1": 0.0}}, "x")
+    with pytest.raises(ValueError, match="other queries or candidates"):
+        load_parts(tmp_path / "parts.npz", fewer)
 
 
 def test_combine_ranks_blends_by_their_mean_over_dev_sets(tmp_path: Path) -> None:
@@ -126,7 +169,8 @@ def test_the_blend_command_measures_a_grid_on_a_dev_set(tmp_path: Path) -> None:
     out = tmp_path / "blend.json"
 
     grid_flags = ["--maxsim", "0", "1", "--lexical", "0", "1", "--out", str(out)]
-    assert blend_main(["--model", str(init), "--pairs", str(pairs), *grid_flags]) == 0
+    saved = ["--parts", str(tmp_path / "parts.npz")]
+    assert blend_main(["--model", str(init), "--pairs", str(pairs), *grid_flags, *saved]) == 0
 
     result = json.loads(out.read_text())
     assert result["queries"] == 3
@@ -134,3 +178,9 @@ def test_the_blend_command_measures_a_grid_on_a_dev_set(tmp_path: Path) -> None:
     names = {row["name"] for row in result["blends"]}
     assert {"cos 10", "cos 10 + maxsim(idf) 1 + lexical 1"} <= names
     assert all(0.0 <= row["nDCG@10"] <= 1.0 for row in result["blends"])
+
+    # A second grid over the saved terms runs no model; BM25's parameters it lacks are refused.
+    assert blend_main(["--pairs", str(pairs), *grid_flags, *saved]) == 0
+    assert json.loads(out.read_text()) == result
+    with pytest.raises(KeyError):
+        blend_main(["--pairs", str(pairs), *grid_flags, *saved, "--k1", "0.5"])

@@ -16,6 +16,7 @@ from crossrank.collate import pad_pairs
 from crossrank.tokenization import PairTokenizer
 from crossrank_train.export import export_onnx, onnx_logits
 from crossrank_train.gated_bert import (
+    BM25Params,
     GatedBertForRanking,
     from_bi_encoder,
     pair_template_tokenizer,
@@ -264,11 +265,12 @@ def test_the_init_command_counts_idf_and_records_logits_that_are_no_log_odds(
     out = tmp_path / "init"
 
     argv = ["--bi-encoder", str(source), "--out", str(out), "--maxsim-scale", "2"]
-    assert gated_bert_main([*argv, "--lexical-scale", "1", "--idf-corpus", str(corpus)]) == 0
+    lexical = ["--lexical-scale", "1", "--lexical-k1", "0.9", "--lexical-b", "0.4"]
+    assert gated_bert_main([*argv, *lexical, "--idf-corpus", str(corpus)]) == 0
 
     model = GatedBertForRanking.from_pretrained(out)
     assert torch.equal(model.idf, idf_table()[0])
-    assert model.config.lexical_avg_length == pytest.approx(idf_table()[1])
+    assert model.config.bm25 == BM25Params(0.9, 0.4, pytest.approx(idf_table()[1]))
     provenance = read_provenance(out)
     # The step-0 logits are scaled similarities: the export must not put them through a sigmoid.
     assert provenance["activation"] == "identity"

