@@ -115,7 +115,7 @@ def test_term_idf_counts_documents_and_zeroes_special_tokens() -> None:
     assert idf[paris].item() == pytest.approx(np.log1p((n - 2 + 0.5) / 2.5))  # in 2 of 4
     assert idf[cat].item() == pytest.approx(np.log1p((n - 1 + 0.5) / 1.5))
     assert idf[unseen].item() == pytest.approx(np.log1p((n + 0.5) / 0.5))
-    for special in ("[CLS]", "[SEP]", "[PAD]"):
+    for special in ("[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"):
         assert idf[tokenizer.token_to_id(special)].item() == 0.0
 
 

@@ -226,7 +226,8 @@ def term_idf(
 ) -> tuple[torch.Tensor, float]:
     """Each token id's IDF over ``texts`` (Lucene's BM25 form, log(1 + (N - df + .5)/(df + .5)))
     and the texts' mean length in tokens with [CLS] and [SEP], as the passage segment counts it.
-    Special tokens get 0: they are in every pair and carry no evidence."""
+    The tokenizer's special tokens ([CLS], [SEP], [PAD]... in BERT's) get 0: they are in every
+    pair and carry no evidence."""
     df = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
     count = total = 0
     texts = list(texts)
@@ -241,10 +242,8 @@ def term_idf(
     if not count:
         raise ValueError("term_idf needs at least one text")
     idf = np.log1p((count - df + 0.5) / (df + 0.5))
-    for token in ("[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"):
-        token_id = tokenizer.token_to_id(token)
-        if token_id is not None:
-            idf[token_id] = 0.0
+    special = [i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special]
+    idf[special] = 0.0
     return torch.tensor(idf, dtype=torch.float32), total / count
 
 
