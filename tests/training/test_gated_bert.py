@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from gated_fixtures import REFERENCE, bi_encoder_dir, idf_table
@@ -14,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, BertModel
 
 from crossrank.collate import pad_pairs
 from crossrank.tokenization import PairTokenizer
-from crossrank_train.export import export_onnx, onnx_logits
+from crossrank_train.export import convert_fp16, export_onnx, fuse, head_nodes, onnx_logits
 from crossrank_train.gated_bert import (
     BM25Params,
     GatedBertForRanking,
@@ -215,6 +216,40 @@ def test_saves_loads_and_exports_with_parity(
     names = export_onnx(loaded, tmp_path / "model.onnx")
     assert names == ["input_ids", "attention_mask", "token_type_ids"]
     assert np.max(np.abs(onnx_logits(tmp_path / "model.onnx", data) - want)) <= 1e-4
+
+
+def test_the_fp16_variant_keeps_the_similarities_and_the_head_in_fp32(tmp_path: Path) -> None:
+    model = from_bi_encoder(
+        bi_encoder_dir(tmp_path),
+        maxsim_scale=4.0,
+        maxsim_idf=True,
+        lexical_scale=2.0,
+        idf=idf_table(),
+    ).eval()
+    export_onnx(model, tmp_path / "plain.onnx")
+    fuse(tmp_path / "plain.onnx", tmp_path / "fp32.onnx", model.config)
+    fp32 = onnx.load(str(tmp_path / "fp32.onnx")).graph
+
+    head = set(head_nodes(fp32))
+
+    ops = {node.name: node.op_type for node in fp32.node}
+    assert all(ops) and len(ops) == len(fp32.node)  # names are unique: the block list needs them
+    # MaxSim (its ReduceMax), the token-id comparisons of the lexical term, the classifier
+    assert {"ReduceMax", "Equal", "Gemm"} <= {ops[name] for name in head}
+    assert not {"SkipLayerNormalization", "BiasGelu"} & {ops[name] for name in head}
+    convert_fp16(tmp_path / "fp32.onnx", tmp_path / "fp16.onnx")
+    types = {t.name: t.data_type for t in onnx.load(str(tmp_path / "fp16.onnx")).graph.initializer}
+    head_weights = {name for node in fp32.node if node.name in head for name in node.input}
+    floats = {t.name for t in fp32.initializer if t.dims and t.data_type == onnx.TensorProto.FLOAT}
+    encoder_weights = floats - head_weights
+    assert {types[name] for name in encoder_weights} == {onnx.TensorProto.FLOAT16}
+    assert {types[t.name] for t in fp32.initializer if t.name in head_weights} <= {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.INT64,
+    }
+    data = feeds(tmp_path)
+    want = onnx_logits(tmp_path / "fp32.onnx", data)
+    assert np.max(np.abs(onnx_logits(tmp_path / "fp16.onnx", data) - want)) < 0.05
 
 
 def test_gates_scales_and_base_learn_at_their_own_rates(tmp_path: Path) -> None:

@@ -331,7 +331,7 @@ class GatedBertForRanking(PreTrainedModel):
         }
         late = self.maxsim_scale is not None
         # fp32 under bf16 autocast too: cosines of 0.004 apart would tie, times a scale of 10.
-        # (The fp16 GPU export converts these casts too; its agreement gate covers that.)
+        # (The fp16 GPU export keeps them fp32 as well: export.head_nodes.)
         with torch.autocast(hidden.device.type, enabled=False):
             hidden = hidden.float()
             if every or (late and not self.config.maxsim_idf):
