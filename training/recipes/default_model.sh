@@ -29,18 +29,23 @@ IDF="--idf-corpus $DATA/squad-v1.1/corpus_train.jsonl.gz $DATA/nfcorpus/corpus_p
 
 for step in $STEPS; do case $step in
 blend)  # the weights of the score's terms, chosen on dev sets (training sources, never eval sets):
-  # one forward pass over each set's BM25 top 30 scores every term, then a grid of blends
+  # one forward pass over each set's BM25 top 30 scores every term (kept in --parts files), then
+  # a grid of blends and of BM25's k1 and b for the lexical term
   # shellcheck disable=SC2086  # IDF is a list of flags
   $PY -m crossrank_train.gated_bert --out "$WORK/init-terms" --cosine-scale 1 --maxsim-scale 1 \
     --lexical-scale 1 $IDF
-  BLEND="$PY -m crossrank_train.blend --model $WORK/init-terms --depth 30"
+  BLEND="$PY -m crossrank_train.blend --model $WORK/init-terms --depth 30
+    --k1 0.6 0.9 1.2 1.6 2.0 --b 0.3 0.5 0.75 0.9"
   $BLEND --queries "$DATA/nfcorpus/dev.titles.preprocessed.queries.tsv" \
     --qrels "$DATA/nfcorpus/qrels/dev.tsv" --corpus "$DATA/nfcorpus/corpus_preprocessed.jsonl.gz" \
-    --out "$WORK/blend-nfcorpus-dev.json"
-  $BLEND --pairs "$DATA/nq-qed/train.jsonl.gz" --max-queries 200 --out "$WORK/blend-nq-train.json"
-  $BLEND --wikiqa "$DATA/wikiqa/dev.tsv" --out "$WORK/blend-wikiqa-dev.json"
+    --parts "$WORK/parts-nfcorpus-dev.npz" --out "$WORK/blend-nfcorpus-dev.json"
+  $BLEND --pairs "$DATA/nq-qed/train.jsonl.gz" --max-queries 200 \
+    --parts "$WORK/parts-nq-train.npz" --out "$WORK/blend-nq-train.json"
+  $BLEND --wikiqa "$DATA/wikiqa/dev.tsv" --parts "$WORK/parts-wikiqa-dev.npz" \
+    --out "$WORK/blend-wikiqa-dev.json"
   $BLEND --queries "$DATA/scifact/queries.jsonl" --qrels "$DATA/scifact/qrels/train.tsv" \
-    --corpus "$DATA/scifact/corpus.jsonl.gz" --max-queries 200 --out "$WORK/blend-scifact-train.json"
+    --corpus "$DATA/scifact/corpus.jsonl.gz" --max-queries 200 \
+    --parts "$WORK/parts-scifact-train.npz" --out "$WORK/blend-scifact-train.json"
   # the pick: the best mean nDCG@10 over the four
   $PY -m crossrank_train.blend --combine "$WORK/blend-nfcorpus-dev.json" \
     "$WORK/blend-nq-train.json" "$WORK/blend-wikiqa-dev.json" "$WORK/blend-scifact-train.json" ;;
