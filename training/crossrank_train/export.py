@@ -286,6 +286,9 @@ def export_model_dir(
         raise ValueError(f"variants must include fp32 and be among {sorted(VARIANT_FILES)}")
     if sample is None and set(variants) != {"fp32"}:
         raise ValueError("int8 and fp16 are judged on a sample of queries: give one")
+    # Before the directory is touched: exporting over a model directory the repository tracks
+    # (models/) would otherwise record the commit as dirty because of this very export.
+    report: dict[str, Any] = {"git_commit": git_commit(), "parity_max_abs_logit_delta": {}}
     out.mkdir(parents=True, exist_ok=True)
     # An earlier export's metadata would make this directory servable even if this one fails.
     (out / METADATA_FILE).unlink(missing_ok=True)
@@ -293,7 +296,6 @@ def export_model_dir(
     pair_tokenizer = PairTokenizer(out / TOKENIZER_FILE, max_query_tokens, max_length)
     feeds = parity_feeds(pair_tokenizer, sample, uses_token_types(model)) if sample else []
 
-    report: dict[str, Any] = {"git_commit": git_commit(), "parity_max_abs_logit_delta": {}}
     exported = out / (UNFUSED_FILE if fused else FP32_FILE)
     export_onnx(model, exported)
     if feeds:
