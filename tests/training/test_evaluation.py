@@ -14,6 +14,7 @@ from crossrank_train.evaluate import (
     EvalSet,
     compare,
     evaluate,
+    format_p,
     load_eval_set,
     measure,
     per_query_ndcg,
@@ -85,6 +86,11 @@ def test_systems_are_compared_query_by_query() -> None:
     assert c.p_value == pytest.approx(2 * student_t.sf(math.sqrt(3), 3))
     same = per_query_ndcg(qrels, first)
     assert compare("first", same, "same", same, qrels).p_value == 1.0
+    # One query has no spread to test against: no p-value, rather than a p of 1.
+    one = {"q1": qrels["q1"]}
+    alone = compare("first", per_query_ndcg(one, first), "second", per_query_ndcg(one, second), one)
+    assert alone.p_value is None and alone.delta == pytest.approx(gain)
+    assert format_p(alone.p_value) == "n/a (one query)" and format_p(0.01234) == "0.0123"
 
 
 def test_eval_set_keeps_judged_queries_and_cuts_the_run(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from crossrank_train.encoding import batch_feeds, to_tensors
 from crossrank_train.evaluate import (
     EvalSet,
     compare,
+    format_p,
     measure,
     per_query_ndcg,
     select_eval_set,
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         versus = row["vs_cosine"]
         print(
             f"{row['nDCG@10']:.4f}  {row['name']:<40} vs cosine {versus['delta']:+.4f} "  # type: ignore[index]
-            f"p {versus['p_value']:.3g}"  # type: ignore[index]
+            f"p {format_p(versus['p_value'])}"  # type: ignore[index]
         )
     if args.out:
         record = {"queries": len(eval_set.queries), "depth": args.depth, "first_stage": first}

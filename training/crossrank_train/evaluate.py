@@ -110,16 +110,22 @@ def rerank(scorer: Scorer, eval_set: EvalSet) -> Run:
     return reranked
 
 
+def format_p(p_value: float | None) -> str:
+    return "n/a (one query)" if p_value is None else f"{p_value:.3g}"
+
+
 @dataclass
 class Comparison:
     system: str
     baseline: str
     delta: float  # mean nDCG@10 difference, system minus baseline
-    p_value: float  # two-sided paired t-test over the queries; 1.0 if none differs or n = 1
+    # Two-sided paired t-test over the queries; 1.0 if none differs, None with one query (no
+    # spread to test against: 1.0 would claim "no evidence" where there is no test at all).
+    p_value: float | None
     wins: int  # queries where the system scores higher
     losses: int
 
-    def as_record(self) -> dict[str, float | int | str]:
+    def as_record(self) -> dict[str, float | int | str | None]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
@@ -141,8 +147,9 @@ def compare(
     queries = sorted(qrels)
     a = np.array([ours.get(q, 0.0) for q in queries])
     b = np.array([theirs.get(q, 0.0) for q in queries])
-    differs = bool(np.any(a != b))
-    p_value = float(ttest_rel(a, b).pvalue) if differs and len(queries) > 1 else 1.0
+    p_value: float | None = None
+    if len(queries) > 1:
+        p_value = float(ttest_rel(a, b).pvalue) if np.any(a != b) else 1.0
     return Comparison(
         system, baseline, float(np.mean(a - b)), p_value, int(np.sum(a > b)), int(np.sum(a < b))
     )
@@ -179,7 +186,7 @@ def format_report(evaluation: Evaluation) -> str:
         lines.append("nDCG@10 differences, query by query (paired t-test):")
     for c in evaluation.comparisons:
         lines.append(
-            f"  {c.system} vs {c.baseline}: {c.delta:+.4f}, p = {c.p_value:.3g}, "
+            f"  {c.system} vs {c.baseline}: {c.delta:+.4f}, p = {format_p(c.p_value)}, "
             f"better on {c.wins} queries, worse on {c.losses}"
         )
     return "\n".join(lines)
