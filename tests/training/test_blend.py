@@ -151,7 +151,9 @@ def test_only_a_step_zero_model_is_described_by_its_terms(tmp_path: Path) -> Non
         score_parts(model, PairTokenizer(tokenizer_path, 16, 128), eval_set)
 
 
-def test_the_blend_command_measures_a_grid_on_a_dev_set(tmp_path: Path) -> None:
+def test_the_blend_command_measures_a_grid_on_a_dev_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     source = bi_encoder_dir(tmp_path)
     build_tokenizer().save(str(source / "tokenizer.json"))
     corpus = tmp_path / "corpus.jsonl"
@@ -182,5 +184,6 @@ def test_the_blend_command_measures_a_grid_on_a_dev_set(tmp_path: Path) -> None:
     # A second grid over the saved terms runs no model; BM25's parameters it lacks are refused.
     assert blend_main(["--pairs", str(pairs), *grid_flags, *saved]) == 0
     assert json.loads(out.read_text()) == result
-    with pytest.raises(KeyError):
+    with pytest.raises(SystemExit):
         blend_main(["--pairs", str(pairs), *grid_flags, *saved, "--k1", "0.5"])
+    assert "has no lexical k1=0.5 b=0.75" in capsys.readouterr().err

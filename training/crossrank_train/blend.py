@@ -271,7 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     eval_set = select_eval_set(collection, depth=args.depth, max_queries=args.max_queries)
     bm25 = list(product(args.k1, args.b))
     if args.parts and args.parts.exists():
-        parts = load_parts(args.parts, eval_set)
+        try:
+            parts = load_parts(args.parts, eval_set)
+        except ValueError as error:
+            parser.error(str(error))
+        saved = set(next(iter(parts.values()), {}))
+        missing = sorted({lexical_column(k1, b) for k1, b in bm25} - saved)
+        if missing:
+            parser.error(f"{args.parts} has no {', '.join(missing)}: score them again (--model)")
     else:
         model = GatedBertForRanking.from_pretrained(str(args.model))
         tokenizer = PairTokenizer(tokenizer_file(args.model), 64, args.max_length)
