@@ -42,7 +42,7 @@ from crossrank_train.readers import Run, read_collection
 from crossrank_train.scoring import score_in_batches
 
 NETWORK_PARTS = ("cosine", "maxsim", "maxsim_idf")
-DEFAULT_BM25 = (BM25Params().k1, BM25Params().b)
+DEFAULT_BM25 = (BM25Params.k1, BM25Params.b)
 
 # One query's terms: a column of its candidates' values per term name.
 Terms = dict[str, np.ndarray]

@@ -63,6 +63,15 @@ from crossrank_train.readers import read_corpus, read_pairs
 MASKED = -10_000.0
 
 
+@dataclass(frozen=True)
+class BM25Params:
+    """BM25's saturation and length normalisation, lengths in tokens of the passage segment."""
+
+    k1: float = 1.2
+    b: float = 0.75
+    avg_length: float = 128.0
+
+
 class GatedBertConfig(BertConfig):
     model_type = "crossrank-gated-bert"
 
@@ -72,9 +81,9 @@ class GatedBertConfig(BertConfig):
         maxsim_scale: float = 0.0,
         maxsim_idf: bool = False,
         lexical_scale: float = 0.0,
-        lexical_k1: float = 1.2,
-        lexical_b: float = 0.75,
-        lexical_avg_length: float = 128.0,
+        lexical_k1: float = BM25Params.k1,
+        lexical_b: float = BM25Params.b,
+        lexical_avg_length: float = BM25Params.avg_length,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -82,7 +91,6 @@ class GatedBertConfig(BertConfig):
         self.maxsim_scale = maxsim_scale
         self.maxsim_idf = maxsim_idf  # weight MaxSim's query tokens by their IDF
         self.lexical_scale = lexical_scale
-        # BM25's saturation and length normalisation, lengths in tokens of the passage segment
         self.lexical_k1 = lexical_k1
         self.lexical_b = lexical_b
         self.lexical_avg_length = lexical_avg_length
@@ -183,15 +191,6 @@ def max_sim(hidden: torch.Tensor, weights: torch.Tensor, second: torch.Tensor) -
     keys = second.unsqueeze(1)
     best = torch.where(keys, similarity, torch.full_like(similarity, -2.0)).amax(-1)  # [B, L]
     return (best * weights).sum(-1) / weights.sum(-1).clamp(min=1e-6)
-
-
-@dataclass(frozen=True)
-class BM25Params:
-    """BM25's saturation and length normalisation, lengths in tokens of the passage segment."""
-
-    k1: float = 1.2
-    b: float = 0.75
-    avg_length: float = 128.0
 
 
 def segments(
@@ -459,10 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lexical-scale", type=float, default=0.0, help="weight of exact term matching (0: none)"
     )
-    parser.add_argument("--lexical-k1", type=float, default=1.2, help="BM25's k1 (saturation)")
-    parser.add_argument(
-        "--lexical-b", type=float, default=0.75, help="BM25's b (length normalisation)"
-    )
+    parser.add_argument("--lexical-k1", type=float, default=BM25Params.k1, help="BM25's k1")
+    parser.add_argument("--lexical-b", type=float, default=BM25Params.b, help="BM25's b")
     parser.add_argument(
         "--idf-corpus",
         type=Path,

@@ -7,8 +7,8 @@
 #   order: the shipped model is the step-0 network, see CHECKPOINT)
 # CHECKPOINT picks what export ships: by default the step-0 network of the init step. Fine-tuning
 # it (mine mix train, then CHECKPOINT=$WORK/train/checkpoints/step-0000NN/model) has not beaten
-# step 0 on the NFCorpus dev set in three runs (README.md, "The default model"); RESUME="--resume
-# latest" continues a cut-off train step.
+# step 0 on the NFCorpus dev set in five runs, one with the encoder frozen (README.md, "The
+# default model"); RESUME="--resume latest" continues a cut-off train step.
 set -euo pipefail
 DATA=${1:?DATA_DIR}; WORK=${2:?WORK_DIR}; shift 2
 STEPS=${*:-blend init export eval}
