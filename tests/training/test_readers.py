@@ -4,7 +4,10 @@ import gzip
 import json
 from pathlib import Path
 
+import pytest
+
 from crossrank_train.readers import (
+    parse_grade_map,
     read_beir,
     read_corpus,
     read_pairs,
@@ -138,3 +141,74 @@ def test_pairs_without_pids_name_passages_by_their_text(tmp_path: Path) -> None:
     assert collection.qrels["a"][y_id] == 0
     assert collection.qrels["b"][y_id] == 1
     assert collection.corpus[y_id] == "y is b"
+
+
+def test_trec_sgml_documents_and_topics(tmp_path: Path) -> None:
+    docs = _write(
+        tmp_path / "doc-text.trec.gz",
+        "<DOC>\n<DOCNO>1</DOCNO>\ncompact memories  have\nflexible capacities\n</DOC>\n"
+        "<DOC>\n<DOCNO> FT-2 </DOCNO>\n<TEXT>an analogue\ncomputer</TEXT>\n</DOC>\n",
+    )
+    # Vaswani's closed tags, and the classic TREC layout with open <num>/<title> and prefixes.
+    topics = _write(
+        tmp_path / "query-text.trec",
+        "<top>\n<num>1</num><title>\nMEASUREMENT OF DIELECTRIC CONSTANT\n</title>\n</top>\n"
+        "<top>\n<num> Number: 301\n<title> Topic: International Organized Crime\n"
+        "<desc> Description:\nIdentify organizations.\n</top>\n",
+    )
+
+    assert read_corpus(docs) == {
+        "1": "compact memories have flexible capacities",
+        "FT-2": "an analogue computer",
+    }
+    assert read_queries(topics) == {
+        "1": "MEASUREMENT OF DIELECTRIC CONSTANT",
+        "301": "International Organized Crime",
+    }
+
+
+def test_smart_documents_queries_and_graded_qrels(tmp_path: Path) -> None:
+    docs = _write(
+        tmp_path / "cran.all.1400.gz",
+        ".I 1\n.T\nwing in a\nslipstream .\n.A\nbrenckman,m.\n.B\nj. ae. scs. 25.\n"
+        ".W\nan experimental study\nof a wing .\n.I 2\n.T\nsimple shear flow .\n.W\n"
+        "the flow past\n.5 inch plates .\n",
+    )
+    # Cranfield numbers its requests 001, 002, 004, ...; its relevance file counts them 1, 2, 3.
+    queries = _write(
+        tmp_path / "cran.qry",
+        ".I 001\n.W\nwhat similarity laws\nmust be obeyed .\n.I 002\n.W\nwhat are the\n"
+        "structural problems .\n.I 004\n.W\nheat conduction .\n",
+    )
+    qrels = _write(tmp_path / "cranqrel", "1 184 2\n1 29 2 \n3 2 -1\n3 1 1\n")
+
+    assert read_corpus(docs) == {
+        "1": "wing in a slipstream . an experimental study of a wing .",
+        "2": "simple shear flow . the flow past .5 inch plates .",
+    }
+    assert read_queries(queries) == {
+        "1": "what similarity laws must be obeyed .",
+        "2": "what are the structural problems .",
+        "3": "heat conduction .",
+    }
+    assert read_qrels(qrels) == {"1": {"184": 2, "29": 2}, "3": {"2": -1, "1": 1}}
+    # Cleverdon's scale (1 = complete answer ... 4 = minimum interest) turned into gains.
+    gains = read_qrels(qrels, parse_grade_map("1=4,2=3,3=2,4=1,-1=0"))
+    assert gains == {"1": {"184": 3, "29": 3}, "3": {"2": 0, "1": 4}}
+
+
+def test_smart_relevance_file_without_grades_marks_every_pair_relevant(tmp_path: Path) -> None:
+    # CISI.REL: "qid docid 0 0.000000"; the last two columns carry nothing.
+    cisi = _write(tmp_path / "CISI.REL", "     1     28\t0\t0.000000\n     1     35\t0\t0.000000\n")
+    pairs = _write(tmp_path / "pairs.rel", "4 9\n")
+
+    assert read_qrels(cisi) == {"1": {"28": 1, "35": 1}}
+    assert read_qrels(pairs) == {"4": {"9": 1}}
+
+
+def test_grade_map_rejects_what_is_not_integer_pairs() -> None:
+    assert parse_grade_map(None) is None
+    assert parse_grade_map("-1=0, 3=1") == {-1: 0, 3: 1}
+    for bad in ("1", "1=a", "x=2", "1=2,"):
+        with pytest.raises(ValueError, match="OLD=NEW"):
+            parse_grade_map(bad)

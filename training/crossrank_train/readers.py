@@ -2,6 +2,9 @@
 
 Every reader returns plain dicts: queries ``{qid: text}``, a corpus ``{pid: text}``, qrels
 ``{qid: {pid: grade}}`` and runs ``{qid: {pid: score}}`` (the shapes ir-measures takes).
+Besides BEIR, TREC DL and the JSONL/TSV sources, the classic test collections are read in
+their own formats: TREC SGML documents and topics (Vaswani) and SMART files (Cranfield, CISI),
+each told apart by its first line.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import csv
 import gzip
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,11 +53,101 @@ def _is_jsonl(path: str | Path) -> bool:
     return ".jsonl" in Path(path).suffixes
 
 
+def _first_line(path: str | Path) -> str:
+    with open_text(path) as f:
+        return next((line.strip() for line in f if line.strip()), "")
+
+
+_SMART_FIELD = re.compile(r"^\.([A-Z])(?:\s+(.*))?$")
+
+
+def _smart_records(path: str | Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """SMART records: ``.I id`` opens one, ``.T``/``.W``/... lines open its fields, the lines
+    below a field marker are its text (a field given twice is joined)."""
+    record_id: str | None = None
+    fields: dict[str, list[str]] = {}
+    current: list[str] = []
+    with open_text(path) as f:
+        for line in f:
+            marker = _SMART_FIELD.match(line.rstrip())
+            if marker and marker.group(1) == "I":
+                if record_id is not None:
+                    yield record_id, {k: " ".join(" ".join(v).split()) for k, v in fields.items()}
+                record_id, fields = (marker.group(2) or "").strip(), {}
+                current = []
+            elif marker:
+                current = fields.setdefault(marker.group(1), [])
+                current.append(marker.group(2) or "")
+            else:
+                current.append(line)
+    if record_id is not None:
+        yield record_id, {k: " ".join(" ".join(v).split()) for k, v in fields.items()}
+
+
+def _smart_corpus(path: str | Path) -> dict[str, str]:
+    # Title, then abstract: the same "title text" as BEIR passages get (Cranfield's abstracts
+    # often repeat the title; left as published).
+    return {
+        pid: " ".join(part for part in (f.get("T", ""), f.get("W", "")) if part)
+        for pid, f in _smart_records(path)
+    }
+
+
+def _smart_queries(path: str | Path) -> dict[str, str]:
+    # Numbered by position, 1..n: Cranfield's ".I" numbers skip (001, 002, 004, ...) while its
+    # relevance file, like every published Cranfield figure, counts queries by position; in
+    # CISI the two agree. The text is the request (.W), not the bibliographic fields.
+    return {
+        str(n): f.get("W") or f.get("T", "")
+        for n, (_, f) in enumerate(_smart_records(path), start=1)
+    }
+
+
+_TAG = re.compile(r"<[^>]+>")
+
+
+def _trec_documents(path: str | Path) -> dict[str, str]:
+    """TREC SGML: ``<DOC><DOCNO>id</DOCNO> text </DOC>``; any other tags inside are dropped."""
+    with open_text(path) as f:
+        content = f.read()
+    corpus: dict[str, str] = {}
+    for block in re.findall(r"<DOC>(.*?)</DOC>", content, flags=re.S | re.I):
+        docno = re.search(r"<DOCNO>\s*(.*?)\s*</DOCNO>", block, flags=re.S | re.I)
+        if docno is None:
+            raise ValueError(f"{path}: a <DOC> without <DOCNO>")
+        text = block[: docno.start()] + block[docno.end() :]
+        corpus[docno.group(1)] = " ".join(_TAG.sub(" ", text).split())
+    return corpus
+
+
+def _trec_topics(path: str | Path) -> dict[str, str]:
+    """TREC topics: ``<top>`` blocks with ``<num>`` and ``<title>`` (closed or not, with or
+    without "Number:"/"Topic:"); the title is the query, as in TREC's title runs."""
+    with open_text(path) as f:
+        content = f.read()
+    queries: dict[str, str] = {}
+    for block in re.findall(r"<top>(.*?)</top>", content, flags=re.S | re.I):
+        num = re.search(r"<num>\s*(?:Number:)?\s*([^<\s]+)", block, flags=re.I)
+        title = re.search(
+            r"<title>\s*(?:Topic:)?(.*?)(?=</title>|<desc>|<narr>|$)", block, flags=re.S | re.I
+        )
+        if num is None or title is None:
+            raise ValueError(f"{path}: a <top> without <num> or <title>")
+        queries[num.group(1)] = " ".join(title.group(1).split())
+    return queries
+
+
 def read_corpus(path: str | Path) -> dict[str, str]:
-    """A BEIR-style corpus, JSONL(.gz): ``_id`` (or ``pid``), optional ``title``, ``text``.
+    """A BEIR-style corpus, JSONL(.gz): ``_id`` (or ``pid``), optional ``title``, ``text``;
+    or TREC SGML documents, or a SMART document file.
 
     The title is prepended to the text, as BEIR's own cross-encoder evaluation does.
     """
+    first = _first_line(path)
+    if first.upper().startswith("<DOC"):
+        return _trec_documents(path)
+    if first.startswith(".I"):
+        return _smart_corpus(path)
     corpus: dict[str, str] = {}
     for record in _jsonl(path):
         pid = str(record.get("_id", record.get("pid")))
@@ -64,9 +158,15 @@ def read_corpus(path: str | Path) -> dict[str, str]:
 
 
 def read_queries(path: str | Path) -> dict[str, str]:
-    """BEIR ``queries.jsonl`` (``_id``, ``text``), or a TSV of ``id<TAB>text`` (TREC DL)."""
+    """BEIR ``queries.jsonl`` (``_id``, ``text``), a TSV of ``id<TAB>text`` (TREC DL), TREC
+    topics (``<top>``) or a SMART query file (``.I``)."""
     if _is_jsonl(path):
         return {str(r["_id"]): r["text"] for r in _jsonl(path)}
+    first = _first_line(path)
+    if first.lower().startswith("<top>"):
+        return _trec_topics(path)
+    if first.startswith(".I"):
+        return _smart_queries(path)
     with open_text(path) as f:
         rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         return {row[0]: row[1] for row in rows if len(row) >= 2}
@@ -93,11 +193,61 @@ def read_trec_qrels(path: str | Path) -> Qrels:
     return qrels
 
 
-def read_qrels(path: str | Path) -> Qrels:
-    """BEIR TSV or TREC qrels, told apart by the first line (TREC lines have four fields)."""
+def read_smart_qrels(path: str | Path) -> Qrels:
+    """Headerless ``qid docid [grade]`` lines (Cranfield's ``cranqrel``); without a grade column,
+    or with a fractional fourth column as in CISI's ``CISI.REL`` (``qid docid 0 0.000000``),
+    every listed pair is relevant (grade 1)."""
+    qrels: Qrels = {}
     with open_text(path) as f:
-        first = f.readline().split()
-    return read_trec_qrels(path) if len(first) == 4 else read_beir_qrels(path)
+        for line in f:
+            fields = line.split()
+            if not fields:
+                continue
+            graded = len(fields) == 3
+            qrels.setdefault(fields[0], {})[fields[1]] = int(fields[2]) if graded else 1
+    return qrels
+
+
+def _is_int(text: str) -> bool:
+    return text.lstrip("-").isdigit()
+
+
+def read_qrels(path: str | Path, grade_map: dict[int, int] | None = None) -> Qrels:
+    """BEIR TSV (a header line), TREC qrels (four fields, an integer grade last) or SMART
+    relevance files (``read_smart_qrels``), told apart by the first line.
+
+    ``grade_map`` renames grades (those it does not name are kept): scales that are not
+    "higher is better", such as Cranfield's (1 = a complete answer ... 4 = of minimum
+    interest, -1 = none), must be turned into gains before nDCG means anything.
+    """
+    first = _first_line(path).split()
+    if len(first) == 4 and _is_int(first[3]):
+        qrels = read_trec_qrels(path)
+    elif len(first) == 3 and not _is_int(first[2]):
+        qrels = read_beir_qrels(path)
+    elif len(first) in (2, 3, 4):
+        qrels = read_smart_qrels(path)
+    else:
+        raise ValueError(f"{path}: not BEIR, TREC or SMART qrels (first line: {' '.join(first)})")
+    if grade_map:
+        qrels = {
+            qid: {pid: grade_map.get(grade, grade) for pid, grade in judged.items()}
+            for qid, judged in qrels.items()
+        }
+    return qrels
+
+
+def parse_grade_map(text: str | None) -> dict[int, int] | None:
+    """``"1=4,-1=0"`` (the CLI's ``--grade-map``) -> ``{1: 4, -1: 0}``."""
+    if not text:
+        return None
+    grade_map: dict[int, int] = {}
+    for item in text.split(","):
+        old, sep, new = item.partition("=")
+        if not sep or not _is_int(old.strip()) or not _is_int(new.strip()):
+            raise ValueError(f"--grade-map takes OLD=NEW integer pairs, got {item!r}")
+        grade_map[int(old)] = int(new)
+    return grade_map
 
 
 def read_run(path: str | Path) -> Run:
