@@ -10,6 +10,7 @@ import pytest
 from scipy.stats import t as student_t
 from toy_data import MARKER
 
+from crossrank_train.cli import main
 from crossrank_train.evaluate import (
     EvalSet,
     compare,
@@ -135,3 +136,34 @@ def test_two_systems_of_one_name_keep_their_own_rows() -> None:
 
     assert [row["name"] for row in evaluation.rows] == ["reversed", "oracle", "oracle #2"]
     assert len(evaluation.comparisons) == 3
+
+
+def test_grade_map_turns_a_best_is_one_scale_into_gains(tmp_path: Path) -> None:
+    # Cranfield-style files: SMART documents and queries, qrels graded 1 (a complete answer)
+    # to 4 (of minimum interest); the run ranks the complete answer first.
+    docs = tmp_path / "docs"
+    docs.write_text(".I 1\n.W\nthe complete answer\n.I 2\n.W\nof minimum interest\n")
+    queries = tmp_path / "queries"
+    queries.write_text(".I 007\n.W\nwhat answers it\n")
+    qrels = tmp_path / "qrels"
+    qrels.write_text("1 1 1\n1 2 4\n")
+    run = tmp_path / "run"
+    run.write_text("1 Q0 1 1 2.0 first\n1 Q0 2 2 1.0 first\n")
+
+    as_published = load_eval_set(queries, qrels, docs, run)
+    as_gains = load_eval_set(queries, qrels, docs, run, grade_map={1: 4, 2: 3, 3: 2, 4: 1})
+
+    assert as_gains.qrels == {"1": {"1": 4, "2": 1}}
+    assert measure(as_gains.qrels, as_gains.candidates)["nDCG@10"] == pytest.approx(1.0)
+    assert measure(as_published.qrels, as_published.candidates)["nDCG@10"] < 0.8
+
+
+def test_eval_command_refuses_a_malformed_grade_map(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("queries", "qrels", "corpus"):
+        (tmp_path / name).write_text("")
+    files = [f"--{name}={tmp_path / name}" for name in ("queries", "qrels", "corpus")]
+
+    assert main(["eval", *files, "--grade-map", "1=4,best=0"]) == 2
+    assert "--grade-map takes OLD=NEW integer pairs, got 'best=0'" in capsys.readouterr().err
