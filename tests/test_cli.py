@@ -9,7 +9,7 @@ import sys
 import time
 
 import httpx
-from conftest import free_port
+from live_server import free_port
 
 from crossrank.cli import main
 from crossrank.model_dir import ModelDir

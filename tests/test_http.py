@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import RunningServer, run_server
+from live_server import RunningServer, run_server
 
 from crossrank.model_dir import ModelDir
 

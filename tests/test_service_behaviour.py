@@ -8,7 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from conftest import RunningServer, run_server
+from live_server import RunningServer, run_server
 
 from crossrank.model_dir import ModelDir
 

@@ -6,7 +6,7 @@ service's own engine; the baseline is the all-MiniLM-L6-v2 bi-encoder's cosine s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -19,6 +19,8 @@ from transformers import AutoModel, PreTrainedModel
 from crossrank.collate import PaddedBatch, pad_pairs
 from crossrank.engine import CPU, OnnxEngine, plan_session
 from crossrank.model_dir import METADATA_FILE, load_model_dir
+from crossrank.scheduling import AUTO_BATCH_TOKENS, BatchLimits, RequestView, plan_batch
+from crossrank.settings import Settings
 from crossrank.tokenization import EncodedPair, PairTokenizer
 from crossrank_train.encoding import batch_feeds, to_tensors
 from crossrank_train.models import (
@@ -81,30 +83,73 @@ class TorchScorer:
             self.model.train(was_training)
 
 
+def served_limits() -> BatchLimits:
+    """The CPU service's batch limits under its default settings."""
+    defaults = Settings.model_fields
+    return BatchLimits(
+        max_batch_tokens=defaults["max_batch_tokens"].default or AUTO_BATCH_TOKENS["cpu"],
+        max_batch_pairs=defaults["max_batch_pairs"].default,
+        max_wait_s=0.0,
+        aging_s=1.0,
+    )
+
+
+def served_batches(lengths: Sequence[int], limits: BatchLimits) -> Iterator[list[int]]:
+    """The batches the service's planner forms for one request alone on the server: its pairs
+    longest first, cut by the padded-token and pair limits (positions into ``lengths``)."""
+    pending = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    while pending:
+        view = RequestView(0, 0.0, pending, lengths, sorted_desc=True)
+        taken = plan_batch([view], 0.0, limits).take[0]
+        yield taken
+        pending = pending[len(taken) :]
+
+
 class OnnxScorer:
-    """An ONNX cross-encoder run by the service's own OnnxEngine on CPU."""
+    """An ONNX cross-encoder run by the service's own OnnxEngine on CPU.
+
+    With ``limits`` its batches are those the service forms (``served_batches``): an int8
+    model's activations are quantised per batch, so a pair's score depends a little on the
+    pairs it shares a batch with, and only the service's own batches give the served scores.
+    """
 
     def __init__(
-        self, model_file: Path, tokenizer: PairTokenizer, batch_size: int = 32, name: str = ""
+        self,
+        model_file: Path,
+        tokenizer: PairTokenizer,
+        batch_size: int = 32,
+        name: str = "",
+        limits: BatchLimits | None = None,
     ) -> None:
         self.engine = OnnxEngine(model_file, plan_session("cpu", [CPU]))
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.name = name or model_file.name
+        self.limits = limits
 
     @classmethod
     def from_model_dir(
-        cls, model_dir: str | Path, variant: str = "auto", batch_size: int = 32
+        cls,
+        model_dir: str | Path,
+        variant: str = "auto",
+        batch_size: int = 32,
+        limits: BatchLimits | None = None,
     ) -> OnnxScorer:
         model = load_model_dir(model_dir)
         meta = model.metadata
         variant = model.choose_variant(variant, "cpu")
         tokenizer = PairTokenizer(model.tokenizer_path, meta.max_query_tokens, meta.max_length)
-        return cls(model.variant_path(variant), tokenizer, batch_size, f"{meta.name} ({variant})")
+        name = f"{meta.name} ({variant})"
+        return cls(model.variant_path(variant), tokenizer, batch_size, name, limits)
 
     def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
         pairs = self.tokenizer.encode(query, list(passages)).pairs
-        return score_in_batches(pairs, self.batch_size, self.engine.run)
+        if self.limits is None:
+            return score_in_batches(pairs, self.batch_size, self.engine.run)
+        scores = np.empty(len(pairs), dtype=np.float32)
+        for rows in served_batches([p.length for p in pairs], self.limits):
+            scores[rows] = self.engine.run(pad_pairs([pairs[i] for i in rows]))
+        return scores
 
 
 class BiEncoderScorer:
@@ -151,13 +196,16 @@ def load_scorer(
     batch_size: int = 32,
     max_query_tokens: int | None = None,
     max_length: int | None = None,
+    as_served: bool = False,
 ) -> Scorer:
     """An exported model directory (it has crossrank.json) or a torch checkpoint directory.
     A model directory carries its token limits; a checkpoint's default to those it was trained
-    with (else 64 and 512)."""
+    with (else 64 and 512). ``as_served``: a model directory batches as the CPU service does
+    (``OnnxScorer``), not ``batch_size`` pairs at a time."""
     path = Path(path)
     if (path / METADATA_FILE).is_file():
-        return OnnxScorer.from_model_dir(path, variant, batch_size)
+        limits = served_limits() if as_served else None
+        return OnnxScorer.from_model_dir(path, variant, batch_size, limits)
     trained = read_provenance(path)
     tokenizer = PairTokenizer(
         tokenizer_file(path),

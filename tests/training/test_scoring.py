@@ -1,0 +1,56 @@
+"""Scoring a model directory in the batches the service itself forms (`crossrank eval
+--as-served`): int8 activations are quantised per batch, so only those batches give the scores
+the service returns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from live_server import run_server
+
+from crossrank.collate import PaddedBatch
+from crossrank.model_dir import ModelDir
+from crossrank.scheduling import BatchLimits
+from crossrank_train.scoring import OnnxScorer, served_batches
+
+QUERY = "blue sky over water"
+# Lengths from a few tokens to many, so that a small token budget cuts several batches.
+PASSAGES = [" ".join(["water fire earth and the blue sky"] * n) for n in (1, 5, 2, 9, 3, 1, 6)]
+
+
+def test_served_batches_cut_longest_first_by_the_token_and_pair_limits() -> None:
+    limits = BatchLimits(max_batch_tokens=100, max_batch_pairs=3, max_wait_s=0.0, aging_s=1.0)
+    lengths = [10, 50, 30, 20, 40, 120, 5, 5]
+
+    # 120 is over the budget and runs alone; 50 + 40 fill 100; three pairs is the pair limit.
+    assert list(served_batches(lengths, limits)) == [[5], [1, 4], [2, 3, 0], [6, 7]]
+
+
+def test_as_served_scores_are_the_services_batches_and_scores(model_dir: ModelDir) -> None:
+    budget = 160
+    with run_server(model_dir, gated=True, max_batch_tokens=budget, max_wait_ms=0) as srv:
+        srv.wait_ready()
+        assert srv.engine is not None
+        srv.engine.batches.clear()
+        srv.engine.padded_tokens.clear()
+        with srv.client() as c:
+            body = c.post(
+                "/rerank", json={"query": QUERY, "passages": PASSAGES, "raw_scores": True}
+            ).json()
+        served = list(zip(srv.engine.batches, srv.engine.padded_tokens, strict=True))
+    service_scores = {r["index"]: r["score"] for r in body["results"]}
+
+    limits = BatchLimits(max_batch_tokens=budget, max_batch_pairs=128, max_wait_s=0, aging_s=1)
+    scorer = OnnxScorer.from_model_dir(model_dir.path, "fp32", limits=limits)
+    ran: list[tuple[int, int]] = []
+    run = scorer.engine.run
+
+    def recording_run(batch: PaddedBatch) -> np.ndarray:
+        ran.append((batch.pairs, batch.padded_tokens))
+        return run(batch)
+
+    scorer.engine.run = recording_run  # type: ignore[method-assign]
+    scores = scorer.score(QUERY, PASSAGES)
+
+    assert len(served) > 1 and ran == served
+    assert scores.tolist() == pytest.approx([service_scores[i] for i in range(len(PASSAGES))])
