@@ -1,6 +1,6 @@
-"""Scoring a model directory in the batches the service itself forms (`crossrank eval
---as-served`): int8 activations are quantised per batch, so only those batches give the scores
-the service returns."""
+"""Scoring a model directory in the batches the service itself forms (as `crossrank eval` does):
+int8 activations are quantised per batch, so only those batches give the scores the service
+returns."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from live_server import run_server
 from crossrank.collate import PaddedBatch
 from crossrank.model_dir import ModelDir
 from crossrank.scheduling import BatchLimits
-from crossrank_train.scoring import OnnxScorer, served_batches
+from crossrank_train.scoring import OnnxScorer, load_scorer, served_batches, served_limits
 
 QUERY = "blue sky over water"
 # Lengths from a few tokens to many, so that a small token budget cuts several batches.
@@ -54,3 +54,11 @@ def test_as_served_scores_are_the_services_batches_and_scores(model_dir: ModelDi
 
     assert len(served) > 1 and ran == served
     assert scores.tolist() == pytest.approx([service_scores[i] for i in range(len(PASSAGES))])
+
+
+def test_eval_scores_model_directories_in_the_cpu_services_batches(model_dir: ModelDir) -> None:
+    scorer = load_scorer(model_dir.path)
+
+    assert isinstance(scorer, OnnxScorer)
+    assert scorer.limits == served_limits()
+    assert (served_limits().max_batch_tokens, served_limits().max_batch_pairs) == (1024, 128)

@@ -182,11 +182,11 @@ def _parser() -> argparse.ArgumentParser:
         help="also the bi-encoder baseline (default: all-MiniLM-L6-v2)",
     )
     ev.add_argument("--variant", default="auto", help="model dir variant (auto: int8 on CPU)")
-    ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument(
-        "--as-served",
-        action="store_true",
-        help="model dirs batch as the CPU service does (int8 scores depend on the batch)",
+        "--batch-size",
+        type=int,
+        default=32,
+        help="pairs a batch for checkpoints and the bi-encoder (model dirs batch as served)",
     )
     ev.add_argument(
         "--max-query-tokens", type=int, help="checkpoints only (default: as trained, else 64)"
@@ -315,7 +315,6 @@ def _eval(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             max_query_tokens=args.max_query_tokens,
             max_length=args.max_length,
-            as_served=args.as_served,
         )
         for path in args.model
     ]
@@ -328,7 +327,6 @@ def _eval(args: argparse.Namespace) -> int:
             "depth": args.depth,
             "first_stage": eval_set.first_stage,
             "paths": {k: str(getattr(args, k)) for k in ("queries", "qrels", "corpus", "run")},
-            "batches": "as served" if args.as_served else f"{args.batch_size} pairs",
             "rows": evaluation.rows,
             "comparisons": [c.as_record() for c in evaluation.comparisons],
         }

@@ -111,6 +111,7 @@ class OnnxScorer:
     With ``limits`` its batches are those the service forms (``served_batches``): an int8
     model's activations are quantised per batch, so a pair's score depends a little on the
     pairs it shares a batch with, and only the service's own batches give the served scores.
+    Without, ``batch_size`` pairs a batch (the export compares its variants on the same batches).
     """
 
     def __init__(
@@ -196,16 +197,14 @@ def load_scorer(
     batch_size: int = 32,
     max_query_tokens: int | None = None,
     max_length: int | None = None,
-    as_served: bool = False,
 ) -> Scorer:
     """An exported model directory (it has crossrank.json) or a torch checkpoint directory.
-    A model directory carries its token limits; a checkpoint's default to those it was trained
-    with (else 64 and 512). ``as_served``: a model directory batches as the CPU service does
-    (``OnnxScorer``), not ``batch_size`` pairs at a time."""
+    A model directory carries its token limits and is scored in the batches the CPU service
+    forms, so its figures are the served model's; ``batch_size`` pairs a batch for a
+    checkpoint, whose token limits default to those it was trained with (else 64 and 512)."""
     path = Path(path)
     if (path / METADATA_FILE).is_file():
-        limits = served_limits() if as_served else None
-        return OnnxScorer.from_model_dir(path, variant, batch_size, limits)
+        return OnnxScorer.from_model_dir(path, variant, limits=served_limits())
     trained = read_provenance(path)
     tokenizer = PairTokenizer(
         tokenizer_file(path),
