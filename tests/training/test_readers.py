@@ -206,6 +206,16 @@ def test_smart_relevance_file_without_grades_marks_every_pair_relevant(tmp_path:
     assert read_qrels(pairs) == {"4": {"9": 1}}
 
 
+def test_qrels_of_no_known_layout_are_refused_not_guessed(tmp_path: Path) -> None:
+    fractional = _write(tmp_path / "trec.qrels", "301 0 FT1 1.0\n")
+    odd_row = _write(tmp_path / "CISI.REL", "1 28 0 0.000000\n1 35 2 0.500000\n")
+
+    with pytest.raises(ValueError, match="not BEIR, TREC or SMART qrels"):
+        read_qrels(fractional)
+    with pytest.raises(ValueError, match="not a CISI-style relevance line"):
+        read_qrels(odd_row)
+
+
 def test_grade_map_rejects_what_is_not_integer_pairs() -> None:
     assert parse_grade_map(None) is None
     assert parse_grade_map("-1=0, 3=1") == {-1: 0, 3: 1}

@@ -28,31 +28,38 @@ def test_served_batches_cut_longest_first_by_the_token_and_pair_limits() -> None
 
 def test_as_served_scores_are_the_services_batches_and_scores(model_dir: ModelDir) -> None:
     budget = 160
+    served: list[np.ndarray] = []
+
+    def record(batch: PaddedBatch) -> bool:
+        served.append(batch.input_ids.copy())
+        return False  # the hook that could fail a batch only watches here
+
     with run_server(model_dir, gated=True, max_batch_tokens=budget, max_wait_ms=0) as srv:
         srv.wait_ready()
         assert srv.engine is not None
-        srv.engine.batches.clear()
-        srv.engine.padded_tokens.clear()
+        srv.engine.fail_when = record
         with srv.client() as c:
             body = c.post(
                 "/rerank", json={"query": QUERY, "passages": PASSAGES, "raw_scores": True}
             ).json()
-        served = list(zip(srv.engine.batches, srv.engine.padded_tokens, strict=True))
     service_scores = {r["index"]: r["score"] for r in body["results"]}
 
     limits = BatchLimits(max_batch_tokens=budget, max_batch_pairs=128, max_wait_s=0, aging_s=1)
     scorer = OnnxScorer.from_model_dir(model_dir.path, "fp32", limits=limits)
-    ran: list[tuple[int, int]] = []
+    ran: list[np.ndarray] = []
     run = scorer.engine.run
 
     def recording_run(batch: PaddedBatch) -> np.ndarray:
-        ran.append((batch.pairs, batch.padded_tokens))
+        ran.append(batch.input_ids.copy())
         return run(batch)
 
     scorer.engine.run = recording_run  # type: ignore[method-assign]
     scores = scorer.score(QUERY, PASSAGES)
 
-    assert len(served) > 1 and ran == served
+    # The same pairs, in the same rows, in the same batches: what makes int8 scores equal too
+    # (the tiny model is fp32, whose scores would agree under any batching).
+    assert len(served) > 1
+    assert [b.tolist() for b in ran] == [b.tolist() for b in served]
     assert scores.tolist() == pytest.approx([service_scores[i] for i in range(len(PASSAGES))])
 
 

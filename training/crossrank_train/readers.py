@@ -195,14 +195,16 @@ def read_trec_qrels(path: str | Path) -> Qrels:
 
 def read_smart_qrels(path: str | Path) -> Qrels:
     """Headerless ``qid docid [grade]`` lines (Cranfield's ``cranqrel``); without a grade column,
-    or with a fractional fourth column as in CISI's ``CISI.REL`` (``qid docid 0 0.000000``),
-    every listed pair is relevant (grade 1)."""
+    or with CISI's two empty columns (``CISI.REL``: ``qid docid 0 0.000000``), every listed pair
+    is relevant (grade 1)."""
     qrels: Qrels = {}
     with open_text(path) as f:
         for line in f:
             fields = line.split()
             if not fields:
                 continue
+            if len(fields) == 4 and fields[2:] != ["0", "0.000000"]:
+                raise ValueError(f"{path}: {line.strip()!r} is not a CISI-style relevance line")
             graded = len(fields) == 3
             qrels.setdefault(fields[0], {})[fields[1]] = int(fields[2]) if graded else 1
     return qrels
@@ -225,9 +227,10 @@ def read_qrels(path: str | Path, grade_map: dict[int, int] | None = None) -> Qre
         qrels = read_trec_qrels(path)
     elif len(first) == 3 and not _is_int(first[2]):
         qrels = read_beir_qrels(path)
-    elif len(first) in (2, 3, 4):
+    elif len(first) in (2, 3) or (len(first) == 4 and first[2:] == ["0", "0.000000"]):
         qrels = read_smart_qrels(path)
     else:
+        # e.g. TREC qrels with fractional grades: guessing would misread a column silently.
         raise ValueError(f"{path}: not BEIR, TREC or SMART qrels (first line: {' '.join(first)})")
     if grade_map:
         qrels = {
