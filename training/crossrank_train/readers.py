@@ -61,6 +61,10 @@ def _first_line(path: str | Path) -> str:
 _SMART_FIELD = re.compile(r"^\.([A-Z])(?:\s+(.*))?$")
 
 
+def _joined(fields: dict[str, list[str]]) -> dict[str, str]:
+    return {name: " ".join(" ".join(lines).split()) for name, lines in fields.items()}
+
+
 def _smart_records(path: str | Path) -> Iterator[tuple[str, dict[str, str]]]:
     """SMART records: ``.I id`` opens one, ``.T``/``.W``/... lines open its fields, the lines
     below a field marker are its text (a field given twice is joined)."""
@@ -72,7 +76,7 @@ def _smart_records(path: str | Path) -> Iterator[tuple[str, dict[str, str]]]:
             marker = _SMART_FIELD.match(line.rstrip())
             if marker and marker.group(1) == "I":
                 if record_id is not None:
-                    yield record_id, {k: " ".join(" ".join(v).split()) for k, v in fields.items()}
+                    yield record_id, _joined(fields)
                 record_id, fields = (marker.group(2) or "").strip(), {}
                 current = []
             elif marker:
@@ -81,7 +85,7 @@ def _smart_records(path: str | Path) -> Iterator[tuple[str, dict[str, str]]]:
             else:
                 current.append(line)
     if record_id is not None:
-        yield record_id, {k: " ".join(" ".join(v).split()) for k, v in fields.items()}
+        yield record_id, _joined(fields)
 
 
 def _smart_corpus(path: str | Path) -> dict[str, str]:
@@ -193,6 +197,10 @@ def read_trec_qrels(path: str | Path) -> Qrels:
     return qrels
 
 
+# CISI.REL's third and fourth columns, the same on every line: they carry no grade.
+_CISI_EMPTY_COLUMNS = ["0", "0.000000"]
+
+
 def read_smart_qrels(path: str | Path) -> Qrels:
     """Headerless ``qid docid [grade]`` lines (Cranfield's ``cranqrel``); without a grade column,
     or with CISI's two empty columns (``CISI.REL``: ``qid docid 0 0.000000``), every listed pair
@@ -203,7 +211,7 @@ def read_smart_qrels(path: str | Path) -> Qrels:
             fields = line.split()
             if not fields:
                 continue
-            if len(fields) == 4 and fields[2:] != ["0", "0.000000"]:
+            if len(fields) == 4 and fields[2:] != _CISI_EMPTY_COLUMNS:
                 raise ValueError(f"{path}: {line.strip()!r} is not a CISI-style relevance line")
             graded = len(fields) == 3
             qrels.setdefault(fields[0], {})[fields[1]] = int(fields[2]) if graded else 1
@@ -227,7 +235,7 @@ def read_qrels(path: str | Path, grade_map: dict[int, int] | None = None) -> Qre
         qrels = read_trec_qrels(path)
     elif len(first) == 3 and not _is_int(first[2]):
         qrels = read_beir_qrels(path)
-    elif len(first) in (2, 3) or (len(first) == 4 and first[2:] == ["0", "0.000000"]):
+    elif len(first) in (2, 3) or (len(first) == 4 and first[2:] == _CISI_EMPTY_COLUMNS):
         qrels = read_smart_qrels(path)
     else:
         # e.g. TREC qrels with fractional grades: guessing would misread a column silently.

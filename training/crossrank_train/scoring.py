@@ -89,6 +89,7 @@ def served_limits() -> BatchLimits:
     return BatchLimits(
         max_batch_tokens=defaults["max_batch_tokens"].default or AUTO_BATCH_TOKENS["cpu"],
         max_batch_pairs=defaults["max_batch_pairs"].default,
+        # Waiting and aging order several requests; one request alone is cut the same by any.
         max_wait_s=0.0,
         aging_s=1.0,
     )
