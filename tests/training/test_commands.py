@@ -66,7 +66,9 @@ def test_mine_train_export_eval(graded_checkpoint: Path, tmp_path: Path) -> None
     )
     assert len(read_groups(groups, negatives=3)) == QUERIES * 3
 
+    # The dev set is the first two queries: their groups are left out of training.
     dev = [f"--dev-{flag[2:]}" if flag.startswith("--") else flag for flag in data]
+    dev += ["--dev-max-queries", "2"]
     assert (
         main(
             [
@@ -121,6 +123,7 @@ def test_mine_train_export_eval(graded_checkpoint: Path, tmp_path: Path) -> None
     assert sorted(meta.variants) == ["fp16", "fp32", "int8"]
     assert set(meta.training["export"]["metrics"]) == {"fp32", "int8", "fp16"}
     assert meta.training["data"] == str(groups)
+    assert meta.training["training_groups"] == (QUERIES - 2) * 3
 
     assert (
         main(
@@ -148,3 +151,26 @@ def test_mine_train_export_eval(graded_checkpoint: Path, tmp_path: Path) -> None
     assert first_stage["nDCG@10"] < 0.5
     # The cross-encoder counts markers: the relevant passages go to the top.
     assert int8["nDCG@10"] > 0.95 and checkpoint["nDCG@10"] > 0.95
+
+    # The same judgements as a query/positives/negatives file whose pids name corpus passages.
+    pairs = tmp_path / "pairs.jsonl"
+    qrels = [line.split("\t") for line in files["qrels.tsv"].read_text().splitlines()[1:]]
+    queries = [json.loads(line) for line in files["queries.jsonl"].read_text().splitlines()]
+    pairs.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": q["_id"],
+                    "query": q["text"],
+                    "positive_pids": [pid for qid, pid, _ in qrels if qid == q["_id"]],
+                }
+            )
+            + "\n"
+            for q in queries
+        )
+    )
+    from_pairs = tmp_path / "from-pairs.json"
+    source = ["--pairs", str(pairs), "--corpus", str(files["corpus.jsonl"])]
+    args = [*source, "--run", str(files["run"]), "--model", str(model_dir), "--out"]
+    assert main(["eval", *args, str(from_pairs)]) == 0
+    assert json.loads(from_pairs.read_text())["rows"] == rows[:1] + rows[2:3]

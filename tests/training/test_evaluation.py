@@ -106,8 +106,9 @@ def test_eval_set_keeps_judged_queries_and_cuts_the_run(tmp_path: Path) -> None:
     )
     paths = [tmp_path / n for n in ("queries.tsv", "qrels.txt", "corpus.jsonl")]
 
-    from_run = load_eval_set(*paths, tmp_path / "run", depth=3, max_queries=2)
-    from_bm25 = load_eval_set(*paths)
+    files = dict(zip(("queries", "qrels", "corpus"), paths, strict=True))
+    from_run = load_eval_set(**files, run=tmp_path / "run", depth=3, max_queries=2)
+    from_bm25 = load_eval_set(**files)
 
     # Query 2 has no relevant judgement; max_queries=2 stops before query 4.
     assert list(from_run.queries) == ["1", "3"]
@@ -150,8 +151,9 @@ def test_grade_map_turns_a_best_is_one_scale_into_gains(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.write_text("1 Q0 1 1 2.0 first\n1 Q0 2 2 1.0 first\n")
 
-    as_published = load_eval_set(queries, qrels, docs, run)
-    as_gains = load_eval_set(queries, qrels, docs, run, grade_map={1: 4, 2: 3, 3: 2, 4: 1})
+    files = {"queries": queries, "qrels": qrels, "corpus": docs, "run": run}
+    as_published = load_eval_set(**files)
+    as_gains = load_eval_set(**files, grade_map={1: 4, 2: 3, 3: 2, 4: 1})
 
     assert as_gains.qrels == {"1": {"1": 4, "2": 1}}
     assert measure(as_gains.qrels, as_gains.candidates)["nDCG@10"] == pytest.approx(1.0)

@@ -9,7 +9,9 @@ from toy_data import MAX_LENGTH, MAX_QUERY_TOKENS, planted_groups
 from transformers import AutoModelForSequenceClassification
 
 from crossrank_train.checkpoints import checkpoint_dir, latest_checkpoint
-from crossrank_train.groups import write_groups
+from crossrank_train.evaluate import EvalSet
+from crossrank_train.groups import read_groups, write_groups
+from crossrank_train.models import read_provenance
 from crossrank_train.train import TrainConfig, _check_resumable, train
 
 
@@ -70,3 +72,25 @@ def test_a_setting_newer_than_the_checkpoint_counts_at_its_default(config: Train
     _check_resumable(saved, config)
     with pytest.raises(ValueError, match="gate_lr="):
         _check_resumable(saved, dataclasses.replace(config, gate_lr=1e-2))
+
+
+def _dev_of(queries: list[str]) -> EvalSet:
+    ids = [f"d{i}" for i in range(len(queries))]
+    return EvalSet(
+        dict(zip(ids, queries, strict=True)),
+        {"p": "a passage"},
+        {qid: {"p": 1} for qid in ids},
+        {qid: {"p": 1.0} for qid in ids},
+        "first stage",
+    )
+
+
+def test_groups_of_dev_queries_are_left_out_of_training(config: TrainConfig) -> None:
+    queries = [g.query for g in read_groups(config.groups, config.negatives)]
+    short = dataclasses.replace(config, steps=1, save_every=0)
+
+    model = train(short, _dev_of(queries[:3])).model
+
+    assert read_provenance(model)["training_groups"] == sum(q not in queries[:3] for q in queries)
+    with pytest.raises(ValueError, match="no training groups outside the dev set"):
+        train(short, _dev_of(queries))

@@ -39,10 +39,14 @@ def _add_grade_map(parser: argparse._ActionsContainer, flag: str) -> None:
     )
 
 
+EVAL_SOURCES = ("queries", "qrels", "corpus", "pairs", "wikiqa")
+
+
 def _add_eval_set_flags(parser: argparse.ArgumentParser, prefix: str, what: str) -> None:
     group = parser.add_argument_group(
-        f"{what} (queries, qrels and corpus given together; candidates from --{prefix}run, "
-        "or BM25 over the corpus)"
+        f"{what} (--{prefix}queries, --{prefix}qrels and --{prefix}corpus together, or "
+        f"--{prefix}pairs, or --{prefix}wikiqa; candidates from --{prefix}run, or BM25 over the "
+        "passages)"
     )
     group.add_argument(
         f"--{prefix}queries", type=Path, help="queries.jsonl, id<TAB>text TSV, TREC topics or SMART"
@@ -51,8 +55,16 @@ def _add_eval_set_flags(parser: argparse.ArgumentParser, prefix: str, what: str)
         f"--{prefix}qrels", type=Path, help="BEIR qrels TSV, TREC qrels or SMART relevance file"
     )
     group.add_argument(
-        f"--{prefix}corpus", type=Path, help="corpus JSONL(.gz) (_id, text), TREC SGML or SMART"
+        f"--{prefix}corpus",
+        type=Path,
+        help="corpus JSONL(.gz) (_id, text), TREC SGML or SMART (with --pairs: the pids' texts)",
     )
+    group.add_argument(
+        f"--{prefix}pairs",
+        type=Path,
+        help="query/positives/negatives JSONL(.gz) (SQuAD, NQ/QED, MedQuAD): positives judged 1",
+    )
+    group.add_argument(f"--{prefix}wikiqa", type=Path, help="WikiQA TSV")
     _add_grade_map(group, f"--{prefix}grade-map")
     group.add_argument(f"--{prefix}run", type=Path, help="first-stage TREC run")
     group.add_argument(f"--{prefix}depth", type=int, default=100, help="candidates per query")
@@ -60,18 +72,34 @@ def _add_eval_set_flags(parser: argparse.ArgumentParser, prefix: str, what: str)
 
 
 def _eval_set(args: argparse.Namespace, prefix: str) -> EvalSet | None:
+    """The eval set the ``--{prefix}*`` flags name, or None when they name none."""
     attr = prefix.replace("-", "_")
-    paths = [getattr(args, attr + name) for name in ("queries", "qrels", "corpus")]
-    if not any(paths):
+    sources = {name: getattr(args, attr + name) for name in EVAL_SOURCES}
+    if not any(sources.values()):
         return None
-    if not all(paths):
-        raise ValueError(f"--{prefix}queries, --{prefix}qrels and --{prefix}corpus go together")
+    if not (sources["pairs"] or sources["wikiqa"] or all(list(sources.values())[:3])):
+        raise ValueError(
+            f"an eval set is --{prefix}queries, --{prefix}qrels and --{prefix}corpus together, "
+            f"or --{prefix}pairs, or --{prefix}wikiqa"
+        )
     return load_eval_set(
-        *paths,
-        getattr(args, attr + "run"),
+        **sources,
+        run=getattr(args, attr + "run"),
         depth=getattr(args, attr + "depth"),
         max_queries=getattr(args, attr + "max_queries"),
         grade_map=parse_grade_map(getattr(args, attr + "grade_map")),
+    )
+
+
+def _eval_source(args: argparse.Namespace, prefix: str) -> str:
+    """The file that names an eval set's queries, for reports."""
+    attr = prefix.replace("-", "_")
+    return str(
+        next(
+            getattr(args, attr + n)
+            for n in ("queries", "pairs", "wikiqa")
+            if getattr(args, attr + n)
+        )
     )
 
 
@@ -160,13 +188,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_eval_set_flags(run, "dev-", "dev set")
 
     ev = commands.add_parser("eval", help="re-rank a first stage and measure it")
-    ev.add_argument("--queries", type=Path, required=True, help="as --dev-queries of train")
-    ev.add_argument("--qrels", type=Path, required=True, help="as --dev-qrels of train")
-    ev.add_argument("--corpus", type=Path, required=True, help="as --dev-corpus of train")
-    _add_grade_map(ev, "--grade-map")
-    ev.add_argument("--run", type=Path, help="first-stage TREC run (default: BM25 on the corpus)")
-    ev.add_argument("--depth", type=int, default=100)
-    ev.add_argument("--max-queries", type=int)
+    _add_eval_set_flags(ev, "", "eval set")
     ev.add_argument(
         "--model",
         type=Path,
@@ -292,15 +314,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    eval_set = load_eval_set(
-        args.queries,
-        args.qrels,
-        args.corpus,
-        args.run,
-        depth=args.depth,
-        max_queries=args.max_queries,
-        grade_map=parse_grade_map(args.grade_map),
-    )
+    eval_set = _eval_set(args, "")
+    if eval_set is None:
+        raise ValueError(
+            "give the eval set: --queries, --qrels and --corpus, or --pairs, or --wikiqa"
+        )
     # The baseline first: every model is then compared against it ("model vs bi-encoder").
     scorers: list[Scorer] = []
     if args.bi_encoder:
@@ -326,7 +344,7 @@ def _eval(args: argparse.Namespace) -> int:
             "queries": len(eval_set.queries),
             "depth": args.depth,
             "first_stage": eval_set.first_stage,
-            "paths": {k: str(getattr(args, k)) for k in ("queries", "qrels", "corpus", "run")},
+            "paths": {k: str(path) for k in (*EVAL_SOURCES, "run") if (path := getattr(args, k))},
             "rows": evaluation.rows,
             "comparisons": [c.as_record() for c in evaluation.comparisons],
         }
@@ -339,7 +357,7 @@ def _export(args: argparse.Namespace) -> int:
     eval_set = _eval_set(args, "eval-")
     if eval_set is not None:
         sample = cases_from_eval_set(eval_set)
-        source = f"{len(sample)} queries of {args.eval_queries}, top {args.eval_depth}"
+        source = f"{len(sample)} queries of {_eval_source(args, 'eval-')}, top {args.eval_depth}"
         qrels = eval_set.qrels
     elif args.sample:
         sample = cases_from_groups(read_groups(args.sample)[: args.sample_size])

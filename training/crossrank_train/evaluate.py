@@ -23,9 +23,7 @@ from crossrank_train.readers import (
     Collection,
     Qrels,
     Run,
-    read_corpus,
-    read_qrels,
-    read_queries,
+    read_collection,
     read_run,
 )
 from crossrank_train.scoring import Scorer
@@ -50,19 +48,21 @@ def _top(scores: dict[str, float], depth: int) -> dict[str, float]:
 
 
 def load_eval_set(
-    queries: str | Path,
-    qrels: str | Path,
-    corpus: str | Path,
-    run: str | Path | None = None,
     *,
+    queries: str | Path | None = None,
+    qrels: str | Path | None = None,
+    corpus: str | Path | None = None,
+    pairs: str | Path | None = None,
+    wikiqa: str | Path | None = None,
+    run: str | Path | None = None,
     depth: int = 100,
     max_queries: int | None = None,
     grade_map: dict[int, int] | None = None,
 ) -> EvalSet:
-    """``select_eval_set`` over files: queries, qrels, a corpus and optionally a TREC run
-    (``grade_map``: see ``read_qrels``)."""
-    collection = Collection(
-        read_queries(queries), read_corpus(corpus), read_qrels(qrels, grade_map)
+    """``select_eval_set`` over files: any source ``read_collection`` takes, optionally with a
+    TREC run as the first stage."""
+    collection = read_collection(
+        queries=queries, qrels=qrels, corpus=corpus, pairs=pairs, wikiqa=wikiqa, grade_map=grade_map
     )
     first_stage = (read_run(run), Path(run).stem) if run is not None else None
     return select_eval_set(collection, first_stage, depth=depth, max_queries=max_queries)

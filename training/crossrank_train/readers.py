@@ -269,8 +269,14 @@ def read_run(path: str | Path) -> Run:
     return run
 
 
-def read_beir(corpus: str | Path, queries: str | Path, qrels: str | Path) -> Collection:
-    return Collection(read_queries(queries), read_corpus(corpus), read_qrels(qrels))
+def read_beir(
+    corpus: str | Path,
+    queries: str | Path,
+    qrels: str | Path,
+    grade_map: dict[int, int] | None = None,
+) -> Collection:
+    """Queries, corpus and qrels files (``grade_map``: see ``read_qrels``)."""
+    return Collection(read_queries(queries), read_corpus(corpus), read_qrels(qrels, grade_map))
 
 
 def read_wikiqa(path: str | Path) -> Collection:
@@ -327,13 +333,15 @@ def read_collection(
     corpus: str | Path | None = None,
     pairs: str | Path | None = None,
     wikiqa: str | Path | None = None,
+    grade_map: dict[int, int] | None = None,
 ) -> Collection:
     """Whichever source the paths name: a pairs JSONL (with an optional corpus), a WikiQA TSV,
-    or BEIR/TREC queries, qrels and corpus together."""
+    or BEIR/TREC queries, qrels and corpus together (``grade_map`` renames their qrels' grades;
+    pairs and WikiQA are judged 0/1)."""
     if pairs:
         return read_pairs(pairs, corpus)
     if wikiqa:
         return read_wikiqa(wikiqa)
     if queries and qrels and corpus:
-        return read_beir(corpus, queries, qrels)
+        return read_beir(corpus, queries, qrels, grade_map)
     raise ValueError("give --queries, --qrels and --corpus, or --pairs, or --wikiqa")

@@ -171,7 +171,7 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
 
 def _check_groups(groups: list[Group], config: TrainConfig) -> None:
     if not groups:
-        raise ValueError(f"{config.groups} holds no training groups")
+        raise ValueError(f"{config.groups} holds no training groups outside the dev set")
     if config.loss == "margin-mse" and any(
         g.teacher_scores is None or len(g.teacher_scores) != len(g.passages) for g in groups
     ):
@@ -181,6 +181,16 @@ def _check_groups(groups: list[Group], config: TrainConfig) -> None:
         )
 
 
+def _without_dev_queries(groups: list[Group], dev: EvalSet) -> list[Group]:
+    """The groups whose query is not one of the dev set's: a dev set drawn from a training
+    source (e.g. its first queries) stays held out without a split file of its own."""
+    held_out = set(dev.queries.values())
+    kept = [g for g in groups if g.query not in held_out]
+    if len(kept) < len(groups):
+        log.info("left out %d groups whose query is a dev query", len(groups) - len(kept))
+    return kept
+
+
 def _dev_ndcg(scorer: TorchScorer, dev: EvalSet) -> float:
     return measure(dev.qrels, rerank(scorer, dev))["nDCG@10"]
 
@@ -188,6 +198,8 @@ def _dev_ndcg(scorer: TorchScorer, dev: EvalSet) -> float:
 def train(config: TrainConfig, dev: EvalSet | None = None) -> TrainResult:
     torch.manual_seed(config.seed)
     groups = read_groups(config.groups, config.negatives)
+    if dev is not None:
+        groups = _without_dev_queries(groups, dev)
     _check_groups(groups, config)
     saved = load_trainer_state(config.resume) if config.resume else None
     if saved is not None:
@@ -211,6 +223,7 @@ def train(config: TrainConfig, dev: EvalSet | None = None) -> TrainResult:
     provenance = {
         "base_model": read_provenance(config.model).get("base_model", str(config.model)),
         "data": str(config.groups),
+        "training_groups": len(groups),
         "loss": config.loss,
         "max_query_tokens": config.max_query_tokens,
         "max_length": config.max_length,
