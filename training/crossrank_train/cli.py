@@ -77,7 +77,11 @@ def _eval_set(args: argparse.Namespace, prefix: str) -> EvalSet | None:
     sources = {name: getattr(args, attr + name) for name in EVAL_SOURCES}
     if not any(sources.values()):
         return None
-    if not (sources["pairs"] or sources["wikiqa"] or all(list(sources.values())[:3])):
+    if not (
+        sources["pairs"]
+        or sources["wikiqa"]
+        or all(sources[n] for n in ("queries", "qrels", "corpus"))
+    ):
         raise ValueError(
             f"an eval set is --{prefix}queries, --{prefix}qrels and --{prefix}corpus together, "
             f"or --{prefix}pairs, or --{prefix}wikiqa"
@@ -88,18 +92,6 @@ def _eval_set(args: argparse.Namespace, prefix: str) -> EvalSet | None:
         depth=getattr(args, attr + "depth"),
         max_queries=getattr(args, attr + "max_queries"),
         grade_map=parse_grade_map(getattr(args, attr + "grade_map")),
-    )
-
-
-def _eval_source(args: argparse.Namespace, prefix: str) -> str:
-    """The file that names an eval set's queries, for reports."""
-    attr = prefix.replace("-", "_")
-    return str(
-        next(
-            getattr(args, attr + n)
-            for n in ("queries", "pairs", "wikiqa")
-            if getattr(args, attr + n)
-        )
     )
 
 
@@ -357,7 +349,8 @@ def _export(args: argparse.Namespace) -> int:
     eval_set = _eval_set(args, "eval-")
     if eval_set is not None:
         sample = cases_from_eval_set(eval_set)
-        source = f"{len(sample)} queries of {_eval_source(args, 'eval-')}, top {args.eval_depth}"
+        named = args.eval_queries or args.eval_pairs or args.eval_wikiqa
+        source = f"{len(sample)} queries of {named}, top {args.eval_depth}"
         qrels = eval_set.qrels
     elif args.sample:
         sample = cases_from_groups(read_groups(args.sample)[: args.sample_size])
