@@ -171,7 +171,7 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
 
 def _check_groups(groups: list[Group], config: TrainConfig) -> None:
     if not groups:
-        raise ValueError(f"{config.groups} holds no training groups outside the dev set")
+        raise ValueError(f"{config.groups} holds no training groups")
     if config.loss == "margin-mse" and any(
         g.teacher_scores is None or len(g.teacher_scores) != len(g.passages) for g in groups
     ):
@@ -186,6 +186,8 @@ def _without_dev_queries(groups: list[Group], dev: EvalSet) -> list[Group]:
     source (e.g. its first queries) stays held out without a split file of its own."""
     held_out = set(dev.queries.values())
     kept = [g for g in groups if g.query not in held_out]
+    if groups and not kept:
+        raise ValueError("every training group's query is a dev query: nothing is left to train on")
     if len(kept) < len(groups):
         log.info("left out %d groups whose query is a dev query", len(groups) - len(kept))
     return kept
