@@ -45,7 +45,7 @@ def test_as_served_scores_are_the_services_batches_and_scores(model_dir: ModelDi
     service_scores = {r["index"]: r["score"] for r in body["results"]}
 
     limits = BatchLimits(max_batch_tokens=budget, max_batch_pairs=128, max_wait_s=0, aging_s=1)
-    scorer = OnnxScorer.from_model_dir(model_dir.path, "fp32", limits=limits)
+    scorer = OnnxScorer.from_model_dir(model_dir.path, "fp32", limits)
     ran: list[np.ndarray] = []
     run = scorer.engine.run
 

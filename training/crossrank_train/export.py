@@ -47,7 +47,7 @@ from crossrank_train.models import (
 )
 from crossrank_train.provenance import git_commit
 from crossrank_train.readers import Qrels
-from crossrank_train.scoring import OnnxScorer
+from crossrank_train.scoring import OnnxScorer, served_limits
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,8 @@ def _judge_variants(
     """Score the sample with every variant; gate the reduced ones against fp32."""
     scores = {}
     for variant in variants:
-        scorer = OnnxScorer(out / VARIANT_FILES[variant], tokenizer)
+        # In the CPU service's batches: the gate and the metrics judge int8 as it is served.
+        scorer = OnnxScorer(out / VARIANT_FILES[variant], tokenizer, served_limits())
         cases = tqdm(sample, desc=f"scoring the sample ({variant})", unit="query")
         scores[variant] = [scorer.score(case.query, case.passages) for case in cases]
     report: dict[str, Any] = {"agreement": {}}

@@ -107,47 +107,31 @@ def served_batches(lengths: Sequence[int], limits: BatchLimits) -> Iterator[list
 
 
 class OnnxScorer:
-    """An ONNX cross-encoder run by the service's own OnnxEngine on CPU.
-
-    With ``limits`` its batches are those the service forms (``served_batches``): an int8
-    model's activations are quantised per batch, so a pair's score depends a little on the
-    pairs it shares a batch with, and only the service's own batches give the served scores.
-    Without, ``batch_size`` pairs a batch (the export compares its variants on the same batches).
+    """An ONNX cross-encoder run by the service's own OnnxEngine on CPU, in the batches the
+    service forms under ``limits`` (``served_batches``): an int8 model's activations are
+    quantised per batch, so a pair's score depends a little on the pairs it shares a batch
+    with, and only the service's own batches give the served scores. The batches depend only on
+    the pairs' lengths, so every variant of a model is scored on the same ones.
     """
 
     def __init__(
-        self,
-        model_file: Path,
-        tokenizer: PairTokenizer,
-        batch_size: int = 32,
-        name: str = "",
-        limits: BatchLimits | None = None,
+        self, model_file: Path, tokenizer: PairTokenizer, limits: BatchLimits, name: str = ""
     ) -> None:
         self.engine = OnnxEngine(model_file, plan_session("cpu", [CPU]))
         self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.name = name or model_file.name
         self.limits = limits
+        self.name = name or model_file.name
 
     @classmethod
-    def from_model_dir(
-        cls,
-        model_dir: str | Path,
-        variant: str = "auto",
-        batch_size: int = 32,
-        limits: BatchLimits | None = None,
-    ) -> OnnxScorer:
+    def from_model_dir(cls, model_dir: str | Path, variant: str, limits: BatchLimits) -> OnnxScorer:
         model = load_model_dir(model_dir)
         meta = model.metadata
         variant = model.choose_variant(variant, "cpu")
         tokenizer = PairTokenizer(model.tokenizer_path, meta.max_query_tokens, meta.max_length)
-        name = f"{meta.name} ({variant})"
-        return cls(model.variant_path(variant), tokenizer, batch_size, name, limits)
+        return cls(model.variant_path(variant), tokenizer, limits, f"{meta.name} ({variant})")
 
     def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
         pairs = self.tokenizer.encode(query, list(passages)).pairs
-        if self.limits is None:
-            return score_in_batches(pairs, self.batch_size, self.engine.run)
         scores = np.empty(len(pairs), dtype=np.float32)
         for rows in served_batches([p.length for p in pairs], self.limits):
             scores[rows] = self.engine.run(pad_pairs([pairs[i] for i in rows]))
@@ -205,7 +189,7 @@ def load_scorer(
     checkpoint, whose token limits default to those it was trained with (else 64 and 512)."""
     path = Path(path)
     if (path / METADATA_FILE).is_file():
-        return OnnxScorer.from_model_dir(path, variant, limits=served_limits())
+        return OnnxScorer.from_model_dir(path, variant, served_limits())
     trained = read_provenance(path)
     tokenizer = PairTokenizer(
         tokenizer_file(path),
