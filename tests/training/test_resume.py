@@ -69,9 +69,9 @@ def test_resume_with_other_settings_is_refused(config: TrainConfig) -> None:
 def test_a_setting_newer_than_the_checkpoint_counts_at_its_default(config: TrainConfig) -> None:
     saved = config.as_record()
     del saved["gate_lr"]  # a checkpoint from before --gate-lr
-    _check_resumable(saved, config)
+    _check_resumable(saved, config.as_record())
     with pytest.raises(ValueError, match="gate_lr="):
-        _check_resumable(saved, dataclasses.replace(config, gate_lr=1e-2))
+        _check_resumable(saved, dataclasses.replace(config, gate_lr=1e-2).as_record())
 
 
 def _dev_of(queries: list[str]) -> EvalSet:
@@ -94,3 +94,14 @@ def test_groups_of_dev_queries_are_left_out_of_training(config: TrainConfig) -> 
     assert read_provenance(model)["training_groups"] == sum(q not in queries[:3] for q in queries)
     with pytest.raises(ValueError, match="every training group's query is a dev query"):
         train(short, _dev_of(queries))
+
+
+def test_resume_with_a_dev_set_that_leaves_out_other_groups_is_refused(
+    config: TrainConfig,
+) -> None:
+    queries = [g.query for g in read_groups(config.groups, config.negatives)]
+    train(dataclasses.replace(config, steps=3))
+    resumed = dataclasses.replace(config, steps=3, resume=checkpoint_dir(config.out, 3))
+
+    with pytest.raises(ValueError, match="training_groups="):
+        train(resumed, _dev_of(queries[:2]))

@@ -156,8 +156,8 @@ def _optimizer(model: PreTrainedModel, config: TrainConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
-def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
-    now = config.as_record()
+def _check_resumable(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """``saved`` and ``now``: a run's settings record (``_run_record``)."""
     # A setting newer than the checkpoint was trained at its default.
     defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
     saved = {**defaults, **saved}
@@ -167,6 +167,12 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
             "cannot resume: the checkpoint was trained with different settings: "
             + ", ".join(f"{k}={saved[k]!r} (now {now.get(k)!r})" for k in changed)
         )
+
+
+def _run_record(config: TrainConfig, groups: list[Group]) -> dict[str, Any]:
+    """The settings a resume must match: the config and how many groups it trains on (a dev set
+    that leaves out other groups would change the data order)."""
+    return {**config.as_record(), "training_groups": len(groups)}
 
 
 def _check_groups(groups: list[Group], config: TrainConfig) -> None:
@@ -205,7 +211,7 @@ def train(config: TrainConfig, dev: EvalSet | None = None) -> TrainResult:
     _check_groups(groups, config)
     saved = load_trainer_state(config.resume) if config.resume else None
     if saved is not None:
-        _check_resumable(saved["config"], config)
+        _check_resumable(saved["config"], _run_record(config, groups))
     tokenizer_path = tokenizer_file(config.model)
     model = load_cross_encoder(config.resume / MODEL_SUBDIR if config.resume else config.model)
     tokenizer = PairTokenizer(tokenizer_path, config.max_query_tokens, config.max_length)
@@ -284,7 +290,7 @@ def train(config: TrainConfig, dev: EvalSet | None = None) -> TrainResult:
                 optimizer,
                 scheduler,
                 state,
-                config.as_record(),
+                _run_record(config, groups),
             )
             write_report(report, state, title)
     progress.close()
