@@ -71,6 +71,13 @@ def _add_eval_set_flags(parser: argparse.ArgumentParser, prefix: str, what: str)
     group.add_argument(f"--{prefix}max-queries", type=int, help="evaluate the first N queries")
 
 
+def _eval_set_hint(prefix: str) -> str:
+    return (
+        f"an eval set is --{prefix}queries, --{prefix}qrels and --{prefix}corpus together, "
+        f"or --{prefix}pairs, or --{prefix}wikiqa"
+    )
+
+
 def _eval_set(args: argparse.Namespace, prefix: str) -> EvalSet | None:
     """The eval set the ``--{prefix}*`` flags name, or None when they name none."""
     attr = prefix.replace("-", "_")
@@ -82,10 +89,7 @@ def _eval_set(args: argparse.Namespace, prefix: str) -> EvalSet | None:
         or sources["wikiqa"]
         or all(sources[n] for n in ("queries", "qrels", "corpus"))
     ):
-        raise ValueError(
-            f"an eval set is --{prefix}queries, --{prefix}qrels and --{prefix}corpus together, "
-            f"or --{prefix}pairs, or --{prefix}wikiqa"
-        )
+        raise ValueError(_eval_set_hint(prefix))
     return load_eval_set(
         **sources,
         run=getattr(args, attr + "run"),
@@ -308,9 +312,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     eval_set = _eval_set(args, "")
     if eval_set is None:
-        raise ValueError(
-            "give the eval set: --queries, --qrels and --corpus, or --pairs, or --wikiqa"
-        )
+        raise ValueError(_eval_set_hint(""))
     # The baseline first: every model is then compared against it ("model vs bi-encoder").
     scorers: list[Scorer] = []
     if args.bi_encoder:
