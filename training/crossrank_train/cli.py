@@ -1,4 +1,5 @@
-"""``crossrank mine | train | eval | export``: the training commands (forwarded by crossrank's CLI).
+"""``crossrank mine | train | interpolate | eval | export``: the training commands (forwarded by
+crossrank's CLI).
 
 Every command takes the paths of its data; nothing about where data lives is built in.
 """
@@ -21,6 +22,7 @@ from crossrank_train.dense import DenseIndex
 from crossrank_train.evaluate import EvalSet, evaluate, format_report, load_eval_set
 from crossrank_train.export import VARIANT_FILES, ParityError, export_checkpoint
 from crossrank_train.groups import read_groups, write_groups
+from crossrank_train.interpolate import interpolate_checkpoints
 from crossrank_train.losses import LOSSES
 from crossrank_train.mining import MiningConfig, add_teacher_scores, mine_groups
 from crossrank_train.models import CheckpointError
@@ -183,6 +185,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_eval_set_flags(run, "dev-", "dev set")
 
+    mix = commands.add_parser(
+        "interpolate",
+        help="weight-space ensemble (WiSE-FT) of a checkpoint and one fine-tuned from it",
+        description="Writes (1 - alpha) * START + alpha * TUNED, parameter by parameter.",
+    )
+    mix.add_argument("--start", type=Path, required=True, help="HF checkpoint dir trained from")
+    mix.add_argument("--tuned", type=Path, required=True, help="HF checkpoint dir trained to")
+    mix.add_argument("--alpha", type=float, required=True, help="0: START, 1: TUNED")
+    mix.add_argument("--out", type=Path, required=True, help="checkpoint dir to write")
+
     ev = commands.add_parser("eval", help="re-rank a first stage and measure it")
     _add_eval_set_flags(ev, "", "eval set")
     ev.add_argument(
@@ -309,6 +321,12 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interpolate(args: argparse.Namespace) -> int:
+    out = interpolate_checkpoints(args.start, args.tuned, args.alpha, args.out)
+    print(f"wrote {out}: (1 - {args.alpha}) * {args.start} + {args.alpha} * {args.tuned}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     eval_set = _eval_set(args, "")
     if eval_set is None:
@@ -386,7 +404,13 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"mine": _mine, "train": _train, "eval": _eval, "export": _export}
+COMMANDS = {
+    "mine": _mine,
+    "train": _train,
+    "interpolate": _interpolate,
+    "eval": _eval,
+    "export": _export,
+}
 
 
 def main(argv: list[str]) -> int:

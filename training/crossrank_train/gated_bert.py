@@ -288,6 +288,12 @@ class GatedBertForRanking(PreTrainedModel):
                 module.lexical_scale.fill_(float(self.config.lexical_scale))
         elif isinstance(module, GatedSelfAttention):
             module.cross_gate.zero_()
+        elif isinstance(module, BertEmbeddings):
+            # Non-persistent buffers, never in a checkpoint: left alone they hold whatever memory
+            # they were given. The forward passes both explicitly, but a model's state (compared,
+            # interpolated, exported) must not be garbage.
+            module.position_ids.copy_(torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+            module.token_type_ids.zero_()
         elif isinstance(module, nn.Linear) and module is not self.classifier:
             module.weight.normal_(0.0, std)
             if module.bias is not None:
