@@ -3,7 +3,7 @@
 # Usage: training/recipes/default_model.sh DATA_DIR WORK_DIR [STEP...]
 #   DATA_DIR: the shared relevance data (../shared/data from the project root)
 #   WORK_DIR: where mined groups, checkpoints and reports go (not the repo: it is large)
-#   STEP: any of blend init mine mix train nq export eval classic (default: blend init export eval,
+#   STEP: any of blend init mine mix train nq soup export eval classic (default: blend init export eval,
 #   in that order: the shipped model is the step-0 network, see CHECKPOINT; classic adds
 #   zero-shot figures on Vaswani, Cranfield and CISI)
 # CHECKPOINT picks what export ships: by default the step-0 network of the init step. Fine-tuning
@@ -98,6 +98,21 @@ nq)  # the seventh fine-tuning run (README.md, "The default model"): LCE on NQ/Q
       --max-queries 100 --depth 30 --model "$WORK/train-nq/checkpoints/step-$ckpt/model" \
       --max-length 192 --out "$WORK/nf-dev-nq-$ckpt.json"
   done ;;
+soup)  # the eighth (README.md, "The default model"): WiSE-FT between step 0 and step nq's step
+  # 100, no training; alphas judged on the same two dev sets
+  for alpha in 0.25 0.5 0.75; do
+    $CR interpolate --start "$WORK/init" --tuned "$WORK/train-nq/checkpoints/step-000100/model" \
+      --alpha $alpha --out "$WORK/soup/a$alpha"
+  done
+  SOUPS="--model $WORK/soup/a0.25 --model $WORK/soup/a0.5 --model $WORK/soup/a0.75"
+  # shellcheck disable=SC2086  # SOUPS is a list of flags
+  $CR eval --queries "$DATA/nfcorpus/dev.titles.preprocessed.queries.tsv" \
+    --qrels "$DATA/nfcorpus/qrels/dev.tsv" --corpus "$DATA/nfcorpus/corpus_preprocessed.jsonl.gz" \
+    --max-queries 100 --depth 30 --model "$WORK/init" $SOUPS --max-length 192 \
+    --out "$WORK/soup/nf-dev.json"
+  # shellcheck disable=SC2086
+  $CR eval --pairs "$DATA/nq-qed/train.jsonl.gz" --max-queries 200 --depth 30 $SOUPS \
+    --max-length 192 --out "$WORK/soup/nq-dev.json" ;;
 export)
   $CR export --model "$CHECKPOINT" --out models/crossrank-minilm-l6 --name crossrank-minilm-l6 \
     --variants fp32 int8 fp16 --ship int8 fp16 --max-length 256 \
