@@ -9,8 +9,9 @@
 # CHECKPOINT picks what export ships: by default the step-0 network of the init step. Fine-tuning
 # it (mine mix train, then CHECKPOINT=$WORK/train/checkpoints/step-0000NN/model) has not beaten
 # step 0 on the NFCorpus dev set in five runs, one with the encoder frozen, and the NQ-only run of
-# step nq, which gained on its own dev set, did not gain on TREC DL 2021 (README.md, "The default
-# model"); RESUME="--resume latest" continues a cut-off train step.
+# step nq, which gained on its own dev set, did not gain on TREC DL 2021, nor did its weight-space
+# ensembles with step 0 (step soup; README.md, "The default model"); RESUME="--resume latest"
+# continues a cut-off train step.
 set -euo pipefail
 DATA=${1:?DATA_DIR}; WORK=${2:?WORK_DIR}; shift 2
 STEPS=${*:-blend init export eval}
