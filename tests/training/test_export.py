@@ -28,6 +28,7 @@ from crossrank_train.export import (
     ParityError,
     export_checkpoint,
     export_model_dir,
+    quantize_int8,
 )
 from crossrank_train.models import PROVENANCE_FILE, load_cross_encoder, tokenizer_file
 from crossrank_train.scoring import TorchScorer
@@ -115,6 +116,30 @@ def test_parity_gate_fails_a_model_the_graph_does_not_reproduce(tmp_path: Path) 
     )
     delta = passed.metadata.training["export"]["parity_max_abs_logit_delta"]["exported"]
     assert delta <= PARITY_TOLERANCE
+
+
+def test_int8_keeps_the_excluded_matmuls_in_fp32(tmp_path: Path) -> None:
+    fp32 = build_model_dir(tmp_path / "tiny").variant_path("fp32")
+    graph = onnx.load(str(fp32)).graph
+    weights = {t.name for t in graph.initializer}
+    # The first layer's linear MatMuls (a weight as input): the ones int8 always quantises.
+    kept = [
+        n.name
+        for n in graph.node
+        if n.op_type == "MatMul" and "layer.0/" in n.name and weights & set(n.input)
+    ]
+    assert kept
+
+    def ops(exclude: list[str]) -> dict[str, str]:
+        quantize_int8(fp32, tmp_path / "int8.onnx", exclude=exclude)
+        return {n.name: n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node}
+
+    def integer_matmuls(graph_ops: dict[str, str]) -> int:
+        return sum(op == "MatMulInteger" for op in graph_ops.values())
+
+    everything, partial = ops([]), ops(kept)
+    assert all(partial[name] == "MatMul" for name in kept)
+    assert integer_matmuls(partial) == integer_matmuls(everything) - len(kept) > 0
 
 
 def _negate_logits(source: Path, target: Path) -> None:
