@@ -40,12 +40,9 @@ def interpolate_checkpoints(start: Path, tuned: Path, alpha: float, out: Path) -
     if tokenizer_file(start).read_bytes() != tokenizer_file(tuned).read_bytes():
         raise CheckpointError(f"{start} and {tuned} tokenize differently: not one model's weights")
     first, second = load_cross_encoder(start), load_cross_encoder(tuned)
-    if _config(first) != _config(second):
-        changed = sorted(
-            k
-            for k in _config(first).keys() | _config(second).keys()
-            if _config(first).get(k) != _config(second).get(k)
-        )
+    ours, theirs = _config(first), _config(second)
+    if ours != theirs:
+        changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
         raise CheckpointError(f"{start} and {tuned} differ in their configuration: {changed}")
     buffers = dict(second.named_buffers())
     for name, buffer in first.named_buffers():
