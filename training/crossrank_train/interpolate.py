@@ -24,6 +24,8 @@ from crossrank_train.models import (
 )
 from crossrank_train.provenance import git_commit
 
+# The provenance keys crossrank export reads (crossrank_train.export.export_checkpoint).
+_EXPORT_READS = ("loss", "max_query_tokens", "max_length", "activation")
 # Written by save_pretrained but not part of what the network computes.
 _CONFIG_BOOKKEEPING = {"_name_or_path", "torch_dtype", "dtype", "transformers_version"}
 
@@ -55,21 +57,23 @@ def interpolate_checkpoints(start: Path, tuned: Path, alpha: float, out: Path) -
     with torch.no_grad():
         for name, param in first.named_parameters():
             param.lerp_(tuned_params[name], alpha)
-    base = read_provenance(start)
+    start_provenance, tuned_provenance = read_provenance(start), read_provenance(tuned)
     provenance = {
-        **base,
-        "base_model": base.get("base_model", str(start)),
+        "base_model": start_provenance.get("base_model", str(start)),
+        # What export reads (loss, lengths, activation): the tuned model's, else the start's.
+        **{
+            key: value
+            for key in _EXPORT_READS
+            if (value := tuned_provenance.get(key, start_provenance.get(key))) is not None
+        },
         "interpolation": {
             "method": "WiSE-FT: (1 - alpha) * start + alpha * tuned",
             "alpha": alpha,
             "start": str(start),
             "tuned": str(tuned),
-            "tuned_provenance": read_provenance(tuned),
+            "start_provenance": start_provenance,
+            "tuned_provenance": tuned_provenance,
         },
         "git_commit": git_commit(),
     }
-    # What export reads from the provenance (lengths, loss, activation) follows the tuned model.
-    for key in ("loss", "max_query_tokens", "max_length", "activation"):
-        if key in provenance["interpolation"]["tuned_provenance"]:
-            provenance[key] = provenance["interpolation"]["tuned_provenance"][key]
     return save_checkpoint(first, tokenizer_file(start), out, provenance)

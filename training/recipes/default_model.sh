@@ -3,9 +3,9 @@
 # Usage: training/recipes/default_model.sh DATA_DIR WORK_DIR [STEP...]
 #   DATA_DIR: the shared relevance data (../shared/data from the project root)
 #   WORK_DIR: where mined groups, checkpoints and reports go (not the repo: it is large)
-#   STEP: any of blend init mine mix train nq soup export eval classic (default: blend init export eval,
-#   in that order: the shipped model is the step-0 network, see CHECKPOINT; classic adds
-#   zero-shot figures on Vaswani, Cranfield and CISI)
+#   STEP: any of blend init mine mix train nq soup export eval classic (default: blend init
+#   export eval, in that order: the shipped model is the step-0 network, see CHECKPOINT; classic
+#   adds zero-shot figures on Vaswani, Cranfield and CISI)
 # CHECKPOINT picks what export ships: by default the step-0 network of the init step. Fine-tuning
 # it (mine mix train, then CHECKPOINT=$WORK/train/checkpoints/step-0000NN/model) has not beaten
 # step 0 on the NFCorpus dev set in five runs, one with the encoder frozen, and the NQ-only run of
