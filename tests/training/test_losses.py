@@ -3,12 +3,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from toy_data import MAX_LENGTH, MAX_QUERY_TOKENS, planted_groups
 
 from crossrank.tokenization import PairTokenizer
-from crossrank_train.groups import write_groups
+from crossrank_train.groups import Group, write_groups
 from crossrank_train.losses import bce_loss, group_loss, lce_loss, margin_mse_loss
 from crossrank_train.models import load_cross_encoder, tokenizer_file
 from crossrank_train.scoring import TorchScorer
@@ -82,3 +83,90 @@ def test_loss_decreases_and_ranks_the_planted_positive_first(
     unseen = planted_groups(20, negatives, seed=1)
     ranks_first = [int(scorer.score(g.query, g.passages).argmax()) == 0 for g in unseen]
     assert all(ranks_first)
+
+
+def test_lce_with_distillation_adds_the_weighted_hand_computed_margin_mse() -> None:
+    teacher = [[3.0, 1.0, 0.0], [2.0, 2.0, 0.0]]
+    lce = 0.0
+    for row in LOGITS:
+        lce -= math.log(math.exp(row[0]) / sum(math.exp(x) for x in row))
+    lce /= len(LOGITS)
+    margin_mse = (0.5**2 + 0.0**2 + 1.0**2 + 2.0**2) / 4  # as in the test above
+    loss = group_loss("lce", torch.tensor(LOGITS), torch.tensor(teacher), 1.0, distill_weight=0.5)
+    assert loss.item() == pytest.approx(lce + 0.5 * margin_mse, rel=1e-6)
+
+
+def test_distillation_beside_a_labelled_loss_needs_teacher_scores() -> None:
+    with pytest.raises(ValueError, match="teacher"):
+        group_loss("lce", torch.tensor(LOGITS), None, 1.0, distill_weight=0.5)
+
+
+@pytest.mark.parametrize(("loss", "weight"), [("margin-mse", 1.0), ("lce", -1.0)])
+def test_a_distill_weight_is_refused_where_it_means_nothing(
+    loss: str, weight: float, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="distill_weight"):
+        TrainConfig(model=tmp_path, groups=tmp_path, out=tmp_path, loss=loss, distill_weight=weight)
+
+
+def test_training_with_distillation_refuses_groups_without_teacher_scores(
+    trainable_checkpoint: Path, tmp_path: Path
+) -> None:
+    plain = [Group(g.query, g.positive, g.negatives) for g in planted_groups(8, 3, seed=0)]
+    write_groups(tmp_path / "groups.jsonl", plain)
+    config = TrainConfig(
+        model=trainable_checkpoint,
+        groups=tmp_path / "groups.jsonl",
+        out=tmp_path / "run",
+        loss="lce",
+        distill_weight=1.0,
+        negatives=3,
+        steps=1,
+        max_query_tokens=MAX_QUERY_TOKENS,
+        max_length=MAX_LENGTH,
+    )
+    with pytest.raises(ValueError, match="crossrank teach"):
+        train(config)
+
+
+def test_distillation_from_the_start_holds_the_margins_near_it(
+    trainable_checkpoint: Path, tmp_path: Path
+) -> None:
+    """With the model's own start as the teacher, the term pulls back as LCE moves the scores: a
+    heavy weight keeps the trained margins nearer the start's than LCE alone does."""
+    negatives = 3
+    start = _scorer(trainable_checkpoint)
+    groups = [
+        Group(g.query, g.positive, g.negatives, start.score(g.query, g.passages).tolist())
+        for g in planted_groups(32, negatives, seed=0)
+    ]
+    write_groups(tmp_path / "groups.jsonl", groups)
+
+    def margin_drift(weight: float) -> float:
+        config = TrainConfig(
+            model=trainable_checkpoint,
+            groups=tmp_path / "groups.jsonl",
+            out=tmp_path / f"run-{weight}",
+            loss="lce",
+            distill_weight=weight,
+            negatives=negatives,
+            batch_groups=8,
+            steps=20,
+            lr=1e-2,
+            warmup=0.0,
+            max_query_tokens=MAX_QUERY_TOKENS,
+            max_length=MAX_LENGTH,
+        )
+        tuned = _scorer(train(config).model)
+        drift = 0.0
+        for g in groups:
+            now, then = tuned.score(g.query, g.passages), np.array(g.teacher_scores)
+            drift += float((((now[0] - now[1:]) - (then[0] - then[1:])) ** 2).sum())
+        return drift
+
+    assert margin_drift(10.0) < 0.5 * margin_drift(0.0)
+
+
+def _scorer(checkpoint: Path) -> TorchScorer:
+    tokenizer = PairTokenizer(tokenizer_file(checkpoint), MAX_QUERY_TOKENS, MAX_LENGTH)
+    return TorchScorer(load_cross_encoder(checkpoint), tokenizer)

@@ -9,9 +9,10 @@ from tiny_model import WORDS
 
 from crossrank_train.bm25 import Bm25Index
 from crossrank_train.cli import main
-from crossrank_train.groups import read_groups
+from crossrank_train.groups import read_groups, write_groups
 from crossrank_train.mining import MiningConfig, mine_groups
 from crossrank_train.readers import Collection
+from crossrank_train.scoring import load_scorer
 
 FILLER = [w for w in WORDS if w not in ("cat", "dog")]
 
@@ -135,3 +136,30 @@ def test_mine_command_writes_groups_with_teacher_scores(
     assert len(groups) == 2
     assert all(g.teacher_scores is not None and len(g.teacher_scores) == 4 for g in groups)
     assert len({s for g in groups for s in g.teacher_scores}) > 1
+
+
+def test_teach_scores_mined_groups_with_the_teacher(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    mined = tmp_path / "groups.jsonl"
+    write_groups(mined, mine_groups(_collection(), MiningConfig(negatives=3, window=(1, 40))))
+    out = tmp_path / "taught.jsonl"
+
+    code = main(
+        [
+            "teach",
+            "--groups",
+            str(mined),
+            "--teacher",
+            str(tiny_checkpoint),
+            "--out",
+            str(out),
+            "--max-groups",
+            "1",
+        ]
+    )
+
+    assert code == 0
+    (taught,) = read_groups(out)
+    first = read_groups(mined)[0]
+    assert (taught.query, taught.passages) == (first.query, first.passages)
+    expected = load_scorer(tiny_checkpoint, variant="fp32").score(first.query, first.passages)
+    assert taught.teacher_scores == pytest.approx(expected.tolist(), rel=1e-6)

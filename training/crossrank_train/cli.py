@@ -1,5 +1,5 @@
-"""``crossrank mine | train | interpolate | eval | export``: the training commands (forwarded by
-crossrank's CLI).
+"""``crossrank mine | teach | train | interpolate | eval | export``: the training commands
+(forwarded by crossrank's CLI).
 
 Every command takes the paths of its data; nothing about where data lives is built in.
 """
@@ -148,6 +148,22 @@ def _parser() -> argparse.ArgumentParser:
         "--teacher", type=Path, help="cross-encoder (checkpoint or model dir) scoring the groups"
     )
 
+    teach = commands.add_parser(
+        "teach",
+        help="add a teacher's scores to training groups (for margin-mse / --distill-weight)",
+    )
+    teach.add_argument("--groups", type=Path, required=True, help="groups JSONL (crossrank mine)")
+    teach.add_argument(
+        "--teacher", type=Path, required=True, help="cross-encoder (checkpoint or model dir)"
+    )
+    teach.add_argument("--out", type=Path, required=True, help="groups JSONL to write")
+    teach.add_argument("--max-groups", type=int, help="score the first N groups only")
+    # The student's budgets: margins of passages cut where training cuts them.
+    teach.add_argument(
+        "--max-query-tokens", type=int, help="a checkpoint teacher: default as trained"
+    )
+    teach.add_argument("--max-length", type=int, help="a checkpoint teacher: default as trained")
+
     run = commands.add_parser("train", help="fine-tune a cross-encoder on training groups")
     run.add_argument(
         "--model", type=Path, default=MINILM, help="HF checkpoint dir (default: all-MiniLM-L6-v2)"
@@ -168,6 +184,7 @@ def _parser() -> argparse.ArgumentParser:
         ("warmup", float, "fraction of steps warming up"),
         ("max-grad-norm", float, "gradient clipping norm"),
         ("pos-weight", float, "bce positive weight (0: --negatives)"),
+        ("distill-weight", float, "weight of MarginMSE on teacher scores beside bce/lce"),
         ("seed", int, "seed of initialisation, data order and dropout"),
         ("max-query-tokens", int, "query token budget"),
         ("max-length", int, "pair token budget"),
@@ -284,6 +301,21 @@ def _mine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _teach(args: argparse.Namespace) -> int:
+    groups = read_groups(args.groups)[: args.max_groups]
+    # fp32 for the same reason as mine's --teacher: the teacher's exact scores.
+    teacher = load_scorer(
+        args.teacher,
+        variant="fp32",
+        max_query_tokens=args.max_query_tokens,
+        max_length=args.max_length,
+    )
+    scored = add_teacher_scores(groups, teacher)
+    count = write_groups(args.out, scored)
+    print(f"wrote {count} groups with {args.teacher}'s scores to {args.out}")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     resume = args.resume
     if resume == "latest":
@@ -305,6 +337,7 @@ def _train(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         max_grad_norm=args.max_grad_norm,
         pos_weight=args.pos_weight,
+        distill_weight=args.distill_weight,
         bf16=args.bf16,
         seed=args.seed,
         max_query_tokens=args.max_query_tokens,
@@ -406,6 +439,7 @@ def _export(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "mine": _mine,
+    "teach": _teach,
     "train": _train,
     "interpolate": _interpolate,
     "eval": _eval,

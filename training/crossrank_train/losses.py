@@ -6,6 +6,10 @@
   positive as the target class (Gao et al., 2021).
 - ``margin-mse``: distillation; the student's margins positive - negative_i regress onto the
   teacher's (Hofstätter et al., 2020).
+
+``bce`` and ``lce`` take a MarginMSE term beside them with ``distill_weight`` > 0: the labels
+teach while the teacher's margins hold on to what it knows (the teacher may be the model's own
+start, so the term is 0 at step 0 and grows only as training moves away from it).
 """
 
 from __future__ import annotations
@@ -35,17 +39,32 @@ def margin_mse_loss(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
     return F.mse_loss(student_margins, teacher_margins.to(logits.dtype))
 
 
+def needs_teacher(name: str, distill_weight: float) -> bool:
+    return name == "margin-mse" or distill_weight > 0
+
+
 def group_loss(
-    name: str, logits: torch.Tensor, teacher: torch.Tensor | None, pos_weight: float
+    name: str,
+    logits: torch.Tensor,
+    teacher: torch.Tensor | None,
+    pos_weight: float,
+    distill_weight: float = 0.0,
 ) -> torch.Tensor:
-    """The loss ``name`` of group-shaped logits (fp32, whatever precision produced them)."""
+    """The loss ``name`` of group-shaped logits (fp32, whatever precision produced them), plus
+    ``distill_weight`` times MarginMSE against ``teacher`` for ``bce`` and ``lce``."""
     logits = logits.float()
-    if name == "bce":
-        return bce_loss(logits, pos_weight)
-    if name == "lce":
-        return lce_loss(logits)
+    if needs_teacher(name, distill_weight) and teacher is None:
+        raise ValueError(f"{name} with distillation needs teacher scores (crossrank teach)")
     if name == "margin-mse":
-        if teacher is None:
-            raise ValueError("margin-mse needs teacher scores (mine with --teacher)")
+        if distill_weight:
+            raise ValueError("distill_weight adds MarginMSE to bce or lce, not to margin-mse")
         return margin_mse_loss(logits, teacher)
-    raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")
+    if name == "bce":
+        labelled = bce_loss(logits, pos_weight)
+    elif name == "lce":
+        labelled = lce_loss(logits)
+    else:
+        raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")
+    if distill_weight:
+        return labelled + distill_weight * margin_mse_loss(logits, teacher)
+    return labelled

@@ -30,7 +30,7 @@ from crossrank_train.checkpoints import (
 from crossrank_train.encoding import encode_groups
 from crossrank_train.evaluate import EvalSet, measure, rerank
 from crossrank_train.groups import Group, read_groups
-from crossrank_train.losses import LOSSES, group_loss
+from crossrank_train.losses import LOSSES, group_loss, needs_teacher
 from crossrank_train.models import (
     load_cross_encoder,
     read_provenance,
@@ -69,6 +69,7 @@ class TrainConfig:
     warmup: float = 0.1  # fraction of the steps with a linearly rising learning rate
     max_grad_norm: float = 1.0
     pos_weight: float = 0.0  # bce: weight of positives; 0 balances them: `negatives`
+    distill_weight: float = 0.0  # bce/lce: weight of a MarginMSE term on the groups' teacher scores
     bf16: bool = False
     seed: int = 0
     max_query_tokens: int = 64
@@ -80,6 +81,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; expected one of {LOSSES}")
+        if self.distill_weight < 0 or (self.distill_weight and self.loss == "margin-mse"):
+            raise ValueError("distill_weight: a weight >= 0 of MarginMSE beside bce or lce")
 
     def as_record(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -178,12 +181,12 @@ def _run_record(config: TrainConfig, groups: list[Group]) -> dict[str, Any]:
 def _check_groups(groups: list[Group], config: TrainConfig) -> None:
     if not groups:
         raise ValueError(f"{config.groups} holds no training groups")
-    if config.loss == "margin-mse" and any(
+    if needs_teacher(config.loss, config.distill_weight) and any(
         g.teacher_scores is None or len(g.teacher_scores) != len(g.passages) for g in groups
     ):
         raise ValueError(
-            f"margin-mse needs teacher scores for every passage of every group in "
-            f"{config.groups}; score them with `crossrank mine --teacher MODEL`"
+            f"{config.loss} with distillation needs teacher scores for every passage of every "
+            f"group in {config.groups}; score them with `crossrank teach` (or mine with --teacher)"
         )
 
 
@@ -264,10 +267,10 @@ def train(config: TrainConfig, dev: EvalSet | None = None) -> TrainResult:
                 logits = model(**inputs).logits[:, 0].view(len(batch), -1)
             teacher = (
                 torch.tensor([g.teacher_scores for g in batch])
-                if config.loss == "margin-mse"
+                if needs_teacher(config.loss, config.distill_weight)
                 else None
             )
-            loss = group_loss(config.loss, logits, teacher, pos_weight)
+            loss = group_loss(config.loss, logits, teacher, pos_weight, config.distill_weight)
             (loss / config.accumulation).backward()
             step_loss += loss.item() / config.accumulation
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
