@@ -9,7 +9,8 @@
 
 ``bce`` and ``lce`` take a MarginMSE term beside them with ``distill_weight`` > 0: the labels
 teach while the teacher's margins hold on to what it knows (the teacher may be the model's own
-start, so the term is 0 at step 0 and grows only as training moves away from it).
+start: the term is then 0 at step 0 but for dropout and bf16 rounding, and grows as training
+moves away from it).
 """
 
 from __future__ import annotations
