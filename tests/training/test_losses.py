@@ -109,6 +109,12 @@ def test_a_distill_weight_is_refused_where_it_means_nothing(
         TrainConfig(model=tmp_path, groups=tmp_path, out=tmp_path, loss=loss, distill_weight=weight)
 
 
+@pytest.mark.parametrize("dropout", [-0.1, 1.0])
+def test_a_dropout_outside_0_1_is_refused(dropout: float, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="dropout"):
+        TrainConfig(model=tmp_path, groups=tmp_path, out=tmp_path, dropout=dropout)
+
+
 def test_training_with_distillation_refuses_groups_without_teacher_scores(
     trainable_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -165,6 +171,39 @@ def test_distillation_from_the_start_holds_the_margins_near_it(
         return drift
 
     assert margin_drift(10.0) < 0.5 * margin_drift(0.0)
+
+
+def test_without_dropout_a_self_teacher_adds_nothing_at_step_0(
+    trainable_checkpoint: Path, tmp_path: Path
+) -> None:
+    """The first step's loss is computed before any update: with dropout off the student is its
+    teacher, so LCE + MarginMSE equals LCE alone there; with dropout on it does not."""
+    negatives = 3
+    start = _scorer(trainable_checkpoint)
+    groups = [
+        Group(g.query, g.positive, g.negatives, start.score(g.query, g.passages).tolist())
+        for g in planted_groups(8, negatives, seed=0)
+    ]
+    write_groups(tmp_path / "groups.jsonl", groups)
+
+    def first_loss(weight: float, dropout: float | None) -> float:
+        config = TrainConfig(
+            model=trainable_checkpoint,
+            groups=tmp_path / "groups.jsonl",
+            out=tmp_path / f"run-{weight}-{dropout}",
+            loss="lce",
+            distill_weight=weight,
+            dropout=dropout,
+            negatives=negatives,
+            batch_groups=8,
+            steps=1,
+            max_query_tokens=MAX_QUERY_TOKENS,
+            max_length=MAX_LENGTH,
+        )
+        return train(config).state.losses[0]
+
+    assert first_loss(100.0, 0.0) == pytest.approx(first_loss(0.0, 0.0), rel=1e-5)
+    assert first_loss(100.0, 0.5) > 1.01 * first_loss(0.0, 0.5)
 
 
 def _scorer(checkpoint: Path) -> TorchScorer:

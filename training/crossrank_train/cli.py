@@ -193,6 +193,9 @@ def _parser() -> argparse.ArgumentParser:
     ):
         default = getattr(TrainConfig, flag.replace("-", "_"))
         run.add_argument(f"--{flag}", type=kind, default=default, help=f"{help_text} ({default})")
+    run.add_argument(
+        "--dropout", type=float, help="every dropout layer's probability (default: the model's)"
+    )
     run.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs with native bf16)")
     run.add_argument(
         "--resume",
@@ -338,6 +341,7 @@ def _train(args: argparse.Namespace) -> int:
         max_grad_norm=args.max_grad_norm,
         pos_weight=args.pos_weight,
         distill_weight=args.distill_weight,
+        dropout=args.dropout,
         bf16=args.bf16,
         seed=args.seed,
         max_query_tokens=args.max_query_tokens,

@@ -70,6 +70,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     pos_weight: float = 0.0  # bce: weight of positives; 0 balances them: `negatives`
     distill_weight: float = 0.0  # bce/lce: weight of a MarginMSE term on the groups' teacher scores
+    # every dropout layer's probability while training; None: as the model is configured. With a
+    # self-teacher, 0 makes the distillation term exactly 0 at step 0 rather than dropout noise.
+    dropout: float | None = None
     bf16: bool = False
     seed: int = 0
     max_query_tokens: int = 64
@@ -83,6 +86,8 @@ class TrainConfig:
             raise ValueError(f"unknown loss {self.loss!r}; expected one of {LOSSES}")
         if self.distill_weight < 0 or (self.distill_weight and self.loss == "margin-mse"):
             raise ValueError("distill_weight: a weight >= 0 of MarginMSE beside bce or lce")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout: a probability in [0, 1), not {self.dropout}")
 
     def as_record(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -217,6 +222,10 @@ def train(config: TrainConfig, dev: EvalSet | None = None) -> TrainResult:
         _check_resumable(saved["config"], _run_record(config, groups))
     tokenizer_path = tokenizer_file(config.model)
     model = load_cross_encoder(config.resume / MODEL_SUBDIR if config.resume else config.model)
+    if config.dropout is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = config.dropout
     tokenizer = PairTokenizer(tokenizer_path, config.max_query_tokens, config.max_length)
     token_types = uses_token_types(model)
     bf16 = config.bf16 and bf16_supported()
