@@ -122,11 +122,13 @@ distill)  # the ninth (README.md, "The default model"): LCE beside MarginMSE on 
   head -n 2000 "$WORK/groups/mix.jsonl" > "$WORK/groups/mix-2000.jsonl"
   $CR teach --groups "$WORK/groups/mix-2000.jsonl" --teacher "$WORK/init" \
     --max-query-tokens 64 --max-length 192 --out "$WORK/groups/taught.jsonl"
+  # (DROPOUT=0: the tenth, the same without dropout)
+  OUT="$WORK/train-distill${DROPOUT:+-dropout$DROPOUT}"
   # shellcheck disable=SC2086  # NF_DEV and RESUME are lists of flags
-  $CR train --model "$WORK/init" --groups "$WORK/groups/taught.jsonl" --out "$WORK/train-distill" \
-    --loss lce --distill-weight 1 --negatives 7 --batch-groups 4 --accumulation 2 --steps 200 \
-    --lr 2e-5 --head-lr 2e-3 --gate-lr 1e-2 --max-length 192 --bf16 --save-every 50 \
-    --eval-every 50 $NF_DEV ${RESUME:-} ;;
+  $CR train --model "$WORK/init" --groups "$WORK/groups/taught.jsonl" --out "$OUT" \
+    --loss lce --distill-weight 1 ${DROPOUT:+--dropout $DROPOUT} --negatives 7 --batch-groups 4 \
+    --accumulation 2 --steps 200 --lr 2e-5 --head-lr 2e-3 --gate-lr 1e-2 --max-length 192 --bf16 \
+    --save-every 50 --eval-every 50 $NF_DEV ${RESUME:-} ;;
 export)
   $CR export --model "$CHECKPOINT" --out models/crossrank-minilm-l6 --name crossrank-minilm-l6 \
     --variants fp32 int8 fp16 --ship int8 fp16 --max-length 256 \
