@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from crossrank_train.scoring import TorchScorer
 from crossrank_train.train import TrainConfig, train
 
 LOGITS = [[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]]
+NEGATIVES = 3  # per group in the toy training runs
 
 
 def _sigmoid(x: float) -> float:
@@ -57,30 +59,15 @@ def test_margin_mse_without_teacher_scores_is_refused() -> None:
 def test_loss_decreases_and_ranks_the_planted_positive_first(
     loss: str, trainable_checkpoint: Path, tmp_path: Path
 ) -> None:
-    negatives = 3
-    write_groups(tmp_path / "groups.jsonl", planted_groups(64, negatives, seed=0))
-    config = TrainConfig(
-        model=trainable_checkpoint,
-        groups=tmp_path / "groups.jsonl",
-        out=tmp_path / "run",
-        loss=loss,
-        negatives=negatives,
-        batch_groups=8,
-        steps=40,
-        lr=1e-2,
-        warmup=0.0,
-        max_query_tokens=MAX_QUERY_TOKENS,
-        max_length=MAX_LENGTH,
-    )
+    write_groups(tmp_path / "groups.jsonl", planted_groups(64, NEGATIVES, seed=0))
+    config = _toy_config(trainable_checkpoint, tmp_path, "run", loss=loss, steps=40, lr=1e-2)
     result = train(config)
 
     losses = result.state.losses
     assert len(losses) == 40
     assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
-    trained = load_cross_encoder(result.model)
-    tokenizer = PairTokenizer(tokenizer_file(result.model), MAX_QUERY_TOKENS, MAX_LENGTH)
-    scorer = TorchScorer(trained, tokenizer)
-    unseen = planted_groups(20, negatives, seed=1)
+    scorer = _scorer(result.model)
+    unseen = planted_groups(20, NEGATIVES, seed=1)
     ranks_first = [int(scorer.score(g.query, g.passages).argmax()) == 0 for g in unseen]
     assert all(ranks_first)
 
@@ -118,19 +105,9 @@ def test_a_dropout_outside_0_1_is_refused(dropout: float, tmp_path: Path) -> Non
 def test_training_with_distillation_refuses_groups_without_teacher_scores(
     trainable_checkpoint: Path, tmp_path: Path
 ) -> None:
-    plain = [Group(g.query, g.positive, g.negatives) for g in planted_groups(8, 3, seed=0)]
+    plain = [Group(g.query, g.positive, g.negatives) for g in planted_groups(8, NEGATIVES, seed=0)]
     write_groups(tmp_path / "groups.jsonl", plain)
-    config = TrainConfig(
-        model=trainable_checkpoint,
-        groups=tmp_path / "groups.jsonl",
-        out=tmp_path / "run",
-        loss="lce",
-        distill_weight=1.0,
-        negatives=3,
-        steps=1,
-        max_query_tokens=MAX_QUERY_TOKENS,
-        max_length=MAX_LENGTH,
-    )
+    config = _toy_config(trainable_checkpoint, tmp_path, "run", distill_weight=1.0, steps=1)
     with pytest.raises(ValueError, match="crossrank teach"):
         train(config)
 
@@ -140,28 +117,16 @@ def test_distillation_from_the_start_holds_the_margins_near_it(
 ) -> None:
     """With the model's own start as the teacher, the term pulls back as LCE moves the scores: a
     heavy weight keeps the trained margins nearer the start's than LCE alone does."""
-    negatives = 3
-    start = _scorer(trainable_checkpoint)
-    groups = [
-        Group(g.query, g.positive, g.negatives, start.score(g.query, g.passages).tolist())
-        for g in planted_groups(32, negatives, seed=0)
-    ]
-    write_groups(tmp_path / "groups.jsonl", groups)
+    groups = _self_taught_groups(trainable_checkpoint, 32, tmp_path / "groups.jsonl")
 
     def margin_drift(weight: float) -> float:
-        config = TrainConfig(
-            model=trainable_checkpoint,
-            groups=tmp_path / "groups.jsonl",
-            out=tmp_path / f"run-{weight}",
-            loss="lce",
+        config = _toy_config(
+            trainable_checkpoint,
+            tmp_path,
+            f"run-{weight}",
             distill_weight=weight,
-            negatives=negatives,
-            batch_groups=8,
             steps=20,
             lr=1e-2,
-            warmup=0.0,
-            max_query_tokens=MAX_QUERY_TOKENS,
-            max_length=MAX_LENGTH,
         )
         tuned = _scorer(train(config).model)
         drift = 0.0
@@ -178,32 +143,41 @@ def test_without_dropout_a_self_teacher_adds_nothing_at_step_0(
 ) -> None:
     """The first step's loss is computed before any update: with dropout off the student is its
     teacher, so LCE + MarginMSE equals LCE alone there; with dropout on it does not."""
-    negatives = 3
-    start = _scorer(trainable_checkpoint)
-    groups = [
-        Group(g.query, g.positive, g.negatives, start.score(g.query, g.passages).tolist())
-        for g in planted_groups(8, negatives, seed=0)
-    ]
-    write_groups(tmp_path / "groups.jsonl", groups)
+    _self_taught_groups(trainable_checkpoint, 8, tmp_path / "groups.jsonl")
 
-    def first_loss(weight: float, dropout: float | None) -> float:
-        config = TrainConfig(
-            model=trainable_checkpoint,
-            groups=tmp_path / "groups.jsonl",
-            out=tmp_path / f"run-{weight}-{dropout}",
-            loss="lce",
-            distill_weight=weight,
-            dropout=dropout,
-            negatives=negatives,
-            batch_groups=8,
-            steps=1,
-            max_query_tokens=MAX_QUERY_TOKENS,
-            max_length=MAX_LENGTH,
+    def first_loss(weight: float, dropout: float) -> float:
+        name = f"run-{weight}-{dropout}"
+        config = _toy_config(
+            trainable_checkpoint, tmp_path, name, distill_weight=weight, dropout=dropout, steps=1
         )
         return train(config).state.losses[0]
 
     assert first_loss(100.0, 0.0) == pytest.approx(first_loss(0.0, 0.0), rel=1e-5)
     assert first_loss(100.0, 0.5) > 1.01 * first_loss(0.0, 0.5)
+
+
+def _toy_config(checkpoint: Path, tmp_path: Path, run: str, **settings: Any) -> TrainConfig:
+    """Training on ``tmp_path/groups.jsonl`` (NEGATIVES a group, 8 groups a step) into
+    ``tmp_path/run``; ``settings`` name the rest."""
+    return TrainConfig(
+        model=checkpoint,
+        groups=tmp_path / "groups.jsonl",
+        out=tmp_path / run,
+        **{"negatives": NEGATIVES, "batch_groups": 8, "warmup": 0.0, **settings},
+        max_query_tokens=MAX_QUERY_TOKENS,
+        max_length=MAX_LENGTH,
+    )
+
+
+def _self_taught_groups(checkpoint: Path, count: int, path: Path) -> list[Group]:
+    """Planted groups scored by ``checkpoint`` itself as the teacher, written to ``path``."""
+    start = _scorer(checkpoint)
+    groups = [
+        Group(g.query, g.positive, g.negatives, start.score(g.query, g.passages).tolist())
+        for g in planted_groups(count, NEGATIVES, seed=0)
+    ]
+    write_groups(path, groups)
+    return groups
 
 
 def _scorer(checkpoint: Path) -> TorchScorer:
