@@ -11,8 +11,8 @@
 # step 0 on the NFCorpus dev set in five runs, one with the encoder frozen, and the NQ-only run of
 # step nq, which gained on its own dev set, did not gain on TREC DL 2021, nor did its weight-space
 # ensembles with step 0 (step soup); LCE held near step 0 by distilling its scores (step distill,
-# with and without dropout) did not gain on NFCorpus dev (README.md, "The default model"); RESUME="--resume latest"
-# continues a cut-off train or distill step.
+# with and without dropout) did not gain on NFCorpus dev (README.md, "The default model");
+# RESUME="--resume latest" continues a cut-off train or distill step.
 set -euo pipefail
 DATA=${1:?DATA_DIR}; WORK=${2:?WORK_DIR}; shift 2
 STEPS=${*:-blend init export eval}
