@@ -95,6 +95,7 @@ class Service:
             probe=probe,
         )
         self.batcher.start()
+        self.metrics.queue_capacity.set(s.max_queued_pairs)
         self.reranker = Reranker(
             tokenizer,
             self.batcher,

@@ -96,6 +96,12 @@ class Metrics:
         self.queue_depth = Gauge(
             "crossrank_queue_depth_pairs", "Pairs admitted and not yet dispatched.", registry=r
         )
+        self.queue_capacity = Gauge(
+            "crossrank_queue_capacity_pairs",
+            "The admission bound on queued pairs (max_queued_pairs): dashboards and alerts "
+            "compare crossrank_queue_depth_pairs with it.",
+            registry=r,
+        )
         self.inflight_requests = Gauge(
             "crossrank_inflight_requests", "Requests admitted and not yet answered.", registry=r
         )
