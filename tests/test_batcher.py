@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from crossrank.batcher import Batcher
+from crossrank.batcher import Batcher, Ticket
 from crossrank.collate import PaddedBatch
 from crossrank.errors import ErrorType, ServiceError
 from crossrank.metrics import Metrics
@@ -65,6 +65,11 @@ def make(engine: ScriptedEngine, metrics: Metrics | None = None, **kw) -> Batche
     )
 
 
+def admit(batcher: Batcher, pairs: list[EncodedPair], timeout_s: float) -> Ticket:
+    """Reserve, then queue: what the reranker does around tokenisation."""
+    return batcher.admit(batcher.reserve(len(pairs)), pairs, timeout_s)
+
+
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
     value = metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
@@ -83,7 +88,7 @@ def test_every_pair_scored_and_returned_by_position() -> None:
         batcher = make(engine)
         batcher.start()
         pairs = [pair(n, token=n) for n in (5, 40, 12, 33, 3, 90, 17)]
-        logits = await batcher.wait(batcher.admit(pairs, 5.0))
+        logits = await batcher.wait(admit(batcher, pairs, 5.0))
         assert logits.tolist() == pytest.approx([expected(p) for p in pairs])
         await batcher.close()
 
@@ -98,7 +103,7 @@ def test_batches_respect_the_padded_token_budget_and_sort_by_length() -> None:
         batcher.start()
         rng = np.random.default_rng(0)
         lengths = rng.integers(5, 120, size=200).tolist()
-        await batcher.wait(batcher.admit([pair(n) for n in lengths], 5.0))
+        await batcher.wait(admit(batcher, [pair(n) for n in lengths], 5.0))
         await batcher.close()
         assert sum(b.pairs for b in engine.batches) == 200
         for b in engine.batches:
@@ -121,7 +126,7 @@ def test_length_sorting_off_keeps_arrival_order() -> None:
         engine = ScriptedEngine()
         batcher = make(engine, length_sorting=False, max_batch_pairs=2, max_batch_tokens=10_000)
         batcher.start()
-        await batcher.wait(batcher.admit([pair(n, token=n) for n in (3, 50, 4, 60)], 5.0))
+        await batcher.wait(admit(batcher, [pair(n, token=n) for n in (3, 50, 4, 60)], 5.0))
         await batcher.close()
         firsts = [int(b.input_ids[0, 0]) for b in engine.batches]
         assert firsts == [3, 4]
@@ -135,10 +140,10 @@ def test_small_request_is_not_stuck_behind_a_large_one() -> None:
         batcher = make(engine, max_batch_tokens=400, max_batch_pairs=8)
         batcher.start()
         engine.gate.clear()
-        big = batcher.admit([pair(40, token=1) for _ in range(1000)], 30.0)
+        big = admit(batcher, [pair(40, token=1) for _ in range(1000)], 30.0)
         big_task = asyncio.ensure_future(batcher.wait(big))
         await started(engine)  # the first big batch is running; the next one is prepared
-        small = batcher.admit([pair(40, token=2) for _ in range(10)], 30.0)
+        small = admit(batcher, [pair(40, token=2) for _ in range(10)], 30.0)
         small_task = asyncio.ensure_future(batcher.wait(small))
         engine.gate.set()
         await small_task
@@ -154,22 +159,93 @@ def test_small_request_is_not_stuck_behind_a_large_one() -> None:
     asyncio.run(main())
 
 
-def test_full_queue_refuses_at_admission_before_any_work() -> None:
+def test_full_queue_refuses_at_reservation_and_holds_room_until_scored() -> None:
     async def main() -> None:
         engine = ScriptedEngine()
         metrics = Metrics()
-        batcher = make(engine, metrics, max_queued_pairs=50)
+        batcher = make(engine, metrics, max_queued_pairs=50, max_batch_pairs=10)
         batcher.start()
         engine.gate.clear()
-        first = batcher.admit([pair(10) for _ in range(40)], 5.0)
+        # Room is held from the reservation on, before there are any pairs to queue.
+        held = batcher.reserve(40)
+        assert batcher.reserved_pairs == 40
+        assert batcher.queued_pairs == 0
         with pytest.raises(ServiceError) as refused:
-            batcher.admit([pair(10) for _ in range(20)], 5.0)
+            batcher.reserve(20)
         assert refused.value.type is ErrorType.QUEUE_FULL
-        assert batcher.queued_pairs == 40
+        assert batcher.reserved_pairs == 40
+        ticket = batcher.admit(held, [pair(10) for _ in range(40)], 5.0)
+        waiter = asyncio.ensure_future(batcher.wait(ticket))
+        await started(engine)
+        # A dispatched batch still holds its room: the engine is busy with it.
+        assert batcher.queued_pairs == 30
+        assert batcher.reserved_pairs == 40
+        with pytest.raises(ServiceError):
+            batcher.reserve(11)
         engine.gate.set()
-        await batcher.wait(first)
+        await waiter
+        assert batcher.reserved_pairs == 0
+        assert sample(metrics, "crossrank_reserved_pairs") == 0
         await batcher.close()
         assert sum(b.pairs for b in engine.batches) == 40
+
+    asyncio.run(main())
+
+
+def test_room_is_given_back_pair_by_pair_as_batches_finish() -> None:
+    async def main() -> None:
+        engine = ScriptedEngine()
+        batcher = make(engine, max_batch_pairs=4)
+        seen: list[int] = []
+        inner = engine.run
+
+        def watching(batch: PaddedBatch) -> np.ndarray:
+            seen.append(batcher.reserved_pairs)
+            return inner(batch)
+
+        engine.run = watching  # type: ignore[method-assign]
+        batcher.start()
+        await batcher.wait(admit(batcher, [pair(10) for _ in range(12)], 5.0))
+        assert seen == [12, 8, 4]
+        assert batcher.reserved_pairs == 0
+        await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_room_returns_to_zero_after_failure_deadline_cancel_and_release() -> None:
+    async def main() -> None:
+        engine = ScriptedEngine()
+        batcher = make(engine, max_batch_pairs=4)
+        batcher.start()
+        # Failure: the batch and the pairs dropped with it.
+        with pytest.raises(ServiceError):
+            await batcher.wait(admit(batcher, [pair(10, token=POISON) for _ in range(6)], 5.0))
+        assert batcher.reserved_pairs == 0
+        # Deadline and cancel, with a batch held in the engine meanwhile.
+        engine.gate.clear()
+        late = admit(batcher, [pair(10) for _ in range(9)], 0.05)
+        with pytest.raises(ServiceError):
+            await batcher.wait(late)
+        cancelled = asyncio.ensure_future(batcher.wait(admit(batcher, [pair(9)] * 5, 5.0)))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        await asyncio.gather(cancelled, return_exceptions=True)
+        assert batcher.reserved_pairs == 4  # the batch still in the engine
+        engine.gate.set()
+        # A reservation that never became a request (e.g. its tokenisation failed).
+        batcher.release(batcher.reserve(30))
+        await batcher.close()
+        assert batcher.reserved_pairs == 0
+
+    asyncio.run(main())
+
+
+def test_admission_must_match_its_reservation() -> None:
+    async def main() -> None:
+        batcher = make(ScriptedEngine())
+        with pytest.raises(ValueError):
+            batcher.admit(batcher.reserve(2), [pair(4)], 5.0)
 
     asyncio.run(main())
 
@@ -181,12 +257,12 @@ def test_deadline_drops_queued_pairs_before_inference() -> None:
         batcher = make(engine, metrics, max_batch_pairs=4)
         batcher.start()
         engine.gate.clear()
-        ticket = batcher.admit([pair(10, token=3) for _ in range(20)], 0.05)
+        ticket = admit(batcher, [pair(10, token=3) for _ in range(20)], 0.05)
         with pytest.raises(ServiceError) as late:
             await batcher.wait(ticket)
         assert late.value.type is ErrorType.DEADLINE_EXCEEDED
         engine.gate.set()
-        other = batcher.admit([pair(10, token=4)], 5.0)
+        other = admit(batcher, [pair(10, token=4)], 5.0)
         await batcher.wait(other)
         await batcher.close()
         scored = sum(int((b.input_ids[:, 0] == 3).sum()) for b in engine.batches)
@@ -206,7 +282,7 @@ def test_cancelled_waiter_drops_its_pairs() -> None:
         batcher = make(engine, metrics, max_batch_pairs=4)
         batcher.start()
         engine.gate.clear()
-        ticket = batcher.admit([pair(10) for _ in range(12)], 5.0)
+        ticket = admit(batcher, [pair(10) for _ in range(12)], 5.0)
         waiter = asyncio.ensure_future(batcher.wait(ticket))
         await started(engine)
         waiter.cancel()
@@ -226,10 +302,10 @@ def test_engine_fault_fails_only_that_batch() -> None:
         batcher = make(engine, metrics, max_batch_pairs=4, max_batch_tokens=10_000)
         batcher.start()
         engine.gate.clear()
-        good = batcher.admit([pair(10, token=1) for _ in range(4)], 5.0)
+        good = admit(batcher, [pair(10, token=1) for _ in range(4)], 5.0)
         good_task = asyncio.ensure_future(batcher.wait(good))
         await started(engine)
-        bad = batcher.admit([pair(10, token=POISON) for _ in range(6)], 5.0)
+        bad = admit(batcher, [pair(10, token=POISON) for _ in range(6)], 5.0)
         bad_task = asyncio.ensure_future(batcher.wait(bad))
         engine.gate.set()
         assert len(await good_task) == 4
@@ -239,7 +315,7 @@ def test_engine_fault_fails_only_that_batch() -> None:
         assert failed.value.error_id
         # The engine still works (the probe passed), and the batcher still serves.
         assert batcher.healthy
-        after = await batcher.wait(batcher.admit([pair(8, token=2)], 5.0))
+        after = await batcher.wait(admit(batcher, [pair(8, token=2)], 5.0))
         assert after.tolist() == pytest.approx([expected(pair(8, token=2))])
         assert sample(metrics, "crossrank_engine_failures_total") == 1
         assert sample(metrics, "crossrank_dropped_pairs_total", reason="failed") == 2
@@ -256,11 +332,11 @@ def test_broken_engine_is_reported_unhealthy_then_recovers() -> None:
         batcher.start()
         engine.broken = True
         with pytest.raises(ServiceError):
-            await batcher.wait(batcher.admit([pair(5)], 5.0))
+            await batcher.wait(admit(batcher, [pair(5)], 5.0))
         assert not batcher.healthy
         assert sample(metrics, "crossrank_engine_healthy") == 0
         engine.broken = False
-        await batcher.wait(batcher.admit([pair(5)], 5.0))
+        await batcher.wait(admit(batcher, [pair(5)], 5.0))
         assert batcher.healthy
         await batcher.close()
 
@@ -273,12 +349,12 @@ def test_drain_refuses_new_work_and_finishes_admitted() -> None:
         batcher = make(engine, max_batch_pairs=2)
         batcher.start()
         engine.gate.clear()
-        ticket = batcher.admit([pair(5) for _ in range(6)], 5.0)
+        ticket = admit(batcher, [pair(5) for _ in range(6)], 5.0)
         waiter = asyncio.ensure_future(batcher.wait(ticket))
         closing = asyncio.ensure_future(batcher.close())
         await asyncio.sleep(0.01)
         with pytest.raises(ServiceError) as refused:
-            batcher.admit([pair(5)], 5.0)
+            admit(batcher, [pair(5)], 5.0)
         assert refused.value.type is ErrorType.SHUTTING_DOWN
         assert not closing.done()
         engine.gate.set()
@@ -293,9 +369,9 @@ def test_max_wait_merges_requests_arriving_close_together() -> None:
         engine = ScriptedEngine()
         batcher = make(engine, max_wait_s=0.2, max_batch_pairs=16, max_batch_tokens=10_000)
         batcher.start()
-        a = batcher.admit([pair(5, token=1) for _ in range(3)], 5.0)
+        a = admit(batcher, [pair(5, token=1) for _ in range(3)], 5.0)
         await asyncio.sleep(0.01)
-        b = batcher.admit([pair(5, token=2) for _ in range(3)], 5.0)
+        b = admit(batcher, [pair(5, token=2) for _ in range(3)], 5.0)
         await asyncio.gather(batcher.wait(a), batcher.wait(b))
         await batcher.close()
         assert [x.pairs for x in engine.batches] == [6]
@@ -319,10 +395,10 @@ def test_a_batching_bug_fails_the_queued_requests_instead_of_hanging_them() -> N
         batcher._prepare = flaky  # type: ignore[method-assign]
         batcher.start()
         with pytest.raises(ServiceError) as failed:
-            await batcher.wait(batcher.admit([pair(5)], 5.0))
+            await batcher.wait(admit(batcher, [pair(5)], 5.0))
         assert failed.value.type is ErrorType.INTERNAL
         # The loop survived: the next request is served.
-        assert len(await batcher.wait(batcher.admit([pair(5)], 5.0))) == 1
+        assert len(await batcher.wait(admit(batcher, [pair(5)], 5.0))) == 1
         await batcher.close()
 
     asyncio.run(main())

@@ -25,6 +25,7 @@ SERIES = [
     "crossrank_batch_padded_tokens_count",
     "crossrank_batch_padding_efficiency_count",
     "crossrank_queue_depth_pairs",
+    "crossrank_reserved_pairs",
     "crossrank_inflight_requests",
     "crossrank_pairs_total",
     "crossrank_tokens_total",

@@ -2,9 +2,11 @@
 
 Stages, as in TEI's queue/infer split:
 
-* **admission** (:meth:`Batcher.admit`, in the request's task): a request is refused with 503
-  here, before any work, if its pairs would overflow ``max_queued_pairs`` or the service is
-  draining;
+* **admission** (:meth:`Batcher.reserve`, in the request's task, before tokenisation): a
+  request reserves queue room for its passage count, known from the parsed body, and is refused
+  with 503 if that would overflow ``max_queued_pairs`` or the service is draining, so a refusal
+  costs no tokenisation. The room is held while the request is tokenised, queued and scored, and
+  given back pair by pair as its pairs are scored, fail or are dropped;
 * **batching** (one task, :meth:`Batcher._loop`, the only writer of the queue's state between
   awaits): asks :mod:`crossrank.scheduling` which pairs to send and when, and pads the next batch
   while the current one runs — re-planning it if the queue changes before the engine is free, so
@@ -41,9 +43,18 @@ from crossrank.tokenization import EncodedPair
 log = logging.getLogger(__name__)
 
 
+@dataclass(eq=False, slots=True)
+class Reservation:
+    """Queue room held for one request: from before its tokenisation until each of its pairs is
+    scored, failed or dropped."""
+
+    pairs: int  # room still held
+
+
 @dataclass(eq=False)
 class _Request:
     key: int
+    reservation: Reservation
     admitted_at: float
     deadline: float
     pairs: Sequence[EncodedPair]
@@ -102,7 +113,8 @@ class Batcher:
         self._clock = clock
         self._requests: dict[int, _Request] = {}
         self._keys = itertools.count()
-        self._queued = 0
+        self._queued = 0  # pairs admitted and not yet dispatched
+        self._reserved = 0  # room held by reservations: tokenising, queued or in the engine
         self._version = 0  # bumped on every change of the queue: a prepared batch is stale
         self._wake = asyncio.Event()
         self._inflight: asyncio.Task[None] | None = None
@@ -136,17 +148,43 @@ class Batcher:
     def queued_pairs(self) -> int:
         return self._queued
 
+    @property
+    def reserved_pairs(self) -> int:
+        return self._reserved
+
     # -- admission ---------------------------------------------------------------------------
 
-    def admit(self, pairs: Sequence[EncodedPair], timeout_s: float) -> Ticket:
+    def reserve(self, pairs: int) -> Reservation:
+        """Hold queue room for ``pairs`` pairs, or refuse (503) at once: called before any work
+        is done for the request, so that a refusal costs nothing."""
         if self._draining:
             raise ServiceError(ErrorType.SHUTTING_DOWN, "the service is shutting down")
-        if self._queued + len(pairs) > self._max_queued:
+        if self._reserved + pairs > self._max_queued:
             raise ServiceError(
                 ErrorType.QUEUE_FULL,
-                f"the queue holds {self._queued} pairs; {len(pairs)} more would exceed its "
+                f"the queue holds {self._reserved} pairs; {pairs} more would exceed its "
                 f"bound of {self._max_queued}: retry later",
             )
+        self._reserved += pairs
+        self._notify()
+        return Reservation(pairs)
+
+    def release(self, reservation: Reservation, pairs: int | None = None) -> None:
+        """Give back ``pairs`` of a reservation's room (all of it when None)."""
+        n = reservation.pairs if pairs is None else min(pairs, reservation.pairs)
+        if n <= 0:
+            return
+        reservation.pairs -= n
+        self._reserved -= n
+        self._notify()
+
+    def admit(
+        self, reservation: Reservation, pairs: Sequence[EncodedPair], timeout_s: float
+    ) -> Ticket:
+        """Queue a tokenised request in the room it reserved (never refused: reserving was the
+        admission, so a drain that began meanwhile still serves it)."""
+        if len(pairs) != reservation.pairs:
+            raise ValueError(f"{len(pairs)} pairs admitted on a reservation of {reservation.pairs}")
         now = self._clock()
         lengths = [p.length for p in pairs]
         order = list(range(len(pairs)))
@@ -154,6 +192,7 @@ class Batcher:
             order.sort(key=lambda i: -lengths[i])
         request = _Request(
             key=next(self._keys),
+            reservation=reservation,
             admitted_at=now,
             deadline=now + timeout_s,
             pairs=pairs,
@@ -197,6 +236,7 @@ class Batcher:
             self._metrics.dropped_pairs.labels(reason).inc(dropped)
             self._queued -= dropped
             request.pending = []
+            self.release(request.reservation, dropped)
         if request.future.done():
             return
         if error is None:
@@ -211,7 +251,8 @@ class Batcher:
 
     def _notify(self) -> None:
         self._metrics.queue_depth.set(self._queued)
-        if self._requests or self._inflight is not None:
+        self._metrics.reserved_pairs.set(self._reserved)
+        if self._requests or self._inflight is not None or self._reserved:
             self._idle.clear()
         else:
             self._idle.set()
@@ -323,13 +364,16 @@ class Batcher:
             request.logits[positions] = logits[row : row + n]
             row += n
             request.outstanding -= n
+            # Also for a request abandoned meanwhile: its pairs held their room until now.
+            self.release(request.reservation, n)
             if request.outstanding == 0 and not request.future.done():
                 self._requests.pop(request.key, None)
                 request.future.set_result(request.logits)
 
     def _fail(self, prepared: _Prepared, error: ServiceError, cause: Exception) -> None:
         error.__cause__ = cause
-        for request, _ in prepared.rows:
+        for request, positions in prepared.rows:
+            self.release(request.reservation, len(positions))
             self._forget(request, "failed", error)
         self._version += 1
 

@@ -102,6 +102,12 @@ class Metrics:
             "compare crossrank_queue_depth_pairs with it.",
             registry=r,
         )
+        self.reserved_pairs = Gauge(
+            "crossrank_reserved_pairs",
+            "Queue room held (bounded by max_queued_pairs): pairs of admitted requests being "
+            "tokenised, queued or scored.",
+            registry=r,
+        )
         self.inflight_requests = Gauge(
             "crossrank_inflight_requests", "Requests admitted and not yet answered.", registry=r
         )

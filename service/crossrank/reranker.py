@@ -1,4 +1,5 @@
-"""Scoring one (query, passages) request: tokenise off the loop, batch, rank."""
+"""Scoring one (query, passages) request: reserve queue room, tokenise off the loop, batch,
+rank."""
 
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ from crossrank.batcher import Batcher
 from crossrank.errors import ErrorType, ServiceError, invalid
 from crossrank.metrics import Metrics
 from crossrank.model_dir import Activation
-from crossrank.tokenization import PairTokenizer, PassageTooLongError, QueryTooLongError
+from crossrank.tokenization import (
+    EncodedRequest,
+    PairTokenizer,
+    PassageTooLongError,
+    QueryTooLongError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,22 +64,9 @@ class Reranker:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
-    async def score(
-        self,
-        query: str,
-        passages: list[str],
-        *,
-        raw_scores: bool,
-        truncate: bool,
-        timeout_ms: int | None,
-        passages_field: str,
-    ) -> Ranked:
-        arrived = time.monotonic()
-        if len(passages) > self._max_passages:
-            raise invalid(
-                f"{len(passages)} passages sent; this server takes at most {self._max_passages}",
-                passages_field,
-            )
+    async def _encode(
+        self, query: str, passages: list[str], truncate: bool, passages_field: str
+    ) -> EncodedRequest:
         started = time.monotonic()
         try:
             encoded = await asyncio.get_running_loop().run_in_executor(
@@ -93,14 +86,39 @@ class Reranker:
                 field,
             ) from None
         self._metrics.tokenization.observe(time.monotonic() - started)
+        return encoded
 
-        timeout_s = (timeout_ms or self._default_timeout_ms) / 1000
-        remaining = timeout_s - (time.monotonic() - arrived)
-        if remaining <= 0:
-            raise ServiceError(
-                ErrorType.DEADLINE_EXCEEDED, "the request's deadline passed during tokenisation"
+    async def score(
+        self,
+        query: str,
+        passages: list[str],
+        *,
+        raw_scores: bool,
+        truncate: bool,
+        timeout_ms: int | None,
+        passages_field: str,
+    ) -> Ranked:
+        arrived = time.monotonic()
+        if len(passages) > self._max_passages:
+            raise invalid(
+                f"{len(passages)} passages sent; this server takes at most {self._max_passages}",
+                passages_field,
             )
-        ticket = self._batcher.admit(encoded.pairs, remaining)
+        # Admission before any work: a refusal costs no tokenisation.
+        reservation = self._batcher.reserve(len(passages))
+        try:
+            encoded = await self._encode(query, passages, truncate, passages_field)
+            timeout_s = (timeout_ms or self._default_timeout_ms) / 1000
+            remaining = timeout_s - (time.monotonic() - arrived)
+            if remaining <= 0:
+                raise ServiceError(
+                    ErrorType.DEADLINE_EXCEEDED, "the request's deadline passed during tokenisation"
+                )
+            ticket = self._batcher.admit(reservation, encoded.pairs, remaining)
+        except BaseException:
+            # Refused, failed or cancelled before it was queued: nothing holds its room.
+            self._batcher.release(reservation)
+            raise
         self._metrics.inflight_requests.inc()
         try:
             logits = await self._batcher.wait(ticket)
