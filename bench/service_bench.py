@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -66,20 +67,24 @@ class Server:
         ready_path: str,
         env: dict[str, str] | None = None,
         start_timeout_s: float = 600,
+        log: Path | None = None,
     ) -> None:
         self.port = free_port()
         self.target = Target(name, f"http://127.0.0.1:{self.port}", rerank_path, body)
-        self.process = subprocess.Popen(
-            [*command, str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
-        )
+        # The server's output goes to ``log`` when given (where a failed start says why).
+        with open(log, "ab") if log else contextlib.nullcontext(subprocess.DEVNULL) as output:
+            self.process = subprocess.Popen(
+                [*command, str(self.port)],
+                stdout=output,
+                stderr=output,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+            )
         deadline = time.monotonic() + start_timeout_s
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{name} exited during start-up ({' '.join(command)})")
+                where = f"; its output is in {log}" if log else ""
+                raise RuntimeError(f"{name} exited during start-up ({' '.join(command)}){where}")
             try:
                 if httpx.get(self.target.url + ready_path).status_code == 200:
                     break

@@ -21,12 +21,25 @@ def _infinity_body(request: Request) -> dict:
     return {"query": request.query, "documents": request.passages, "raw_scores": True}
 
 
-def crossrank(model: Path, threads: int, flags: Sequence[str] = (), device: str = "cpu") -> Server:
+def crossrank(
+    model: Path,
+    threads: int,
+    flags: Sequence[str] = (),
+    device: str = "cpu",
+    log: Path | None = None,
+    start_timeout_s: float = 600,
+) -> Server:
     command = [sys.executable, "-m", "crossrank.cli", "serve", "--model", str(model)]
     command += ["--host", "127.0.0.1", "--threads", str(threads), "--device", device]
     command += [*flags, "--port"]
     return Server(
-        "crossrank", command, rerank_path="/rerank", body=_passages_body, ready_path="/ready"
+        "crossrank",
+        command,
+        rerank_path="/rerank",
+        body=_passages_body,
+        ready_path="/ready",
+        log=log,
+        start_timeout_s=start_timeout_s,
     )
 
 
