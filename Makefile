@@ -5,7 +5,10 @@ MODEL ?= models/crossrank-minilm-l6
 PORT ?= 8080
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint setup-serve setup-dev
+# onnxruntime for the container images: the release whose CUDA build Dockerfile.gpu's base fits.
+ORT_VERSION ?= 1.31.1
+
+.PHONY: serve test lint setup-serve setup-dev deploy-tools lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,5 +42,29 @@ lint: setup-dev
 	$(BIN)/ruff check service training tests bench
 	$(BIN)/ruff format --check service training tests bench
 
-test: lint
+# What the deploy tests run beside the dev extra's hadolint and kubernetes-validate: Prometheus
+# and promtool, docker-compose (Debian's). kubectl comes with the machine image. Where a tool
+# cannot be installed the tests that need it skip and say why; the rest still run.
+deploy-tools:
+	@missing=""; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing$$missing"; \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	      --no-install-recommends $$missing; } >/dev/null \
+	    || echo "deploy-tools: could not install$$missing; their tests will skip"; \
+	else echo "deploy-tools: not root or no apt-get; missing$$missing: their tests will skip"; fi
+
+# The images' pinned serving dependencies (no torch), resolved in a clean venv.
+lock:
+	rm -rf build/lock-venv
+	$(PYTHON) -m venv build/lock-venv
+	build/lock-venv/bin/pip install --quiet . onnxruntime==$(ORT_VERSION)
+	{ echo "# The container images' serving dependencies, pinned: written by \`make lock\`."; \
+	  build/lock-venv/bin/pip freeze --exclude crossrank; } > deploy/requirements-serve.txt
+	rm -rf build/lock-venv
+
+test: lint deploy-tools
 	$(BIN)/pytest -q -p no:cacheprovider
