@@ -6,8 +6,10 @@ A crossrank model directory holds:
   each taking ``input_ids`` and ``attention_mask`` (and ``token_type_ids`` when the network has
   segment embeddings), int64, shape ``[batch, sequence]``, and returning one fp32 logit per pair,
   shape ``[batch, 1]`` or ``[batch]``;
-- ``tokenizer.json``, a Hugging Face ``tokenizers`` file whose pair template is
-  ``[CLS] query [SEP] passage [SEP]`` (the service sets truncation and padding itself);
+- ``tokenizer.json``, a Hugging Face ``tokenizers`` file: the checkpoint's own, whose pair
+  template (``[CLS] query [SEP] passage [SEP]``, ``<s> query </s></s> passage </s>``, ...) builds
+  the pairs, or, for an LLM reranker, the tokenizer its ``prompt`` is tokenised with (the service
+  sets truncation and padding itself);
 - ``crossrank.json``, the metadata below.
 
 The training package writes it with :func:`write_metadata`; the service reads it with
@@ -26,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 METADATA_FILE = "crossrank.json"
 TOKENIZER_FILE = "tokenizer.json"
 FORMAT_VERSION = 1
+INSTRUCTION_SLOT = "{instruction}"
 
 
 class Activation(StrEnum):
@@ -33,6 +36,45 @@ class Activation(StrEnum):
 
     SIGMOID = "sigmoid"
     IDENTITY = "identity"
+
+
+class PromptTemplate(BaseModel):
+    """An LLM reranker's input text: ``prefix + query + separator + passage + suffix``.
+
+    ``{instruction}`` in the prefix stands for the instruction: ``instruction`` unless a request
+    brings its own. A prefix without the slot takes no instruction.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefix: str = ""
+    separator: str = Field(min_length=1)
+    suffix: str = ""
+    instruction: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> PromptTemplate:
+        if INSTRUCTION_SLOT in self.separator + self.suffix:
+            raise ValueError(f"{INSTRUCTION_SLOT} may appear in the prefix only")
+        slots = self.prefix.count(INSTRUCTION_SLOT)
+        if slots > 1:
+            raise ValueError(f"the prefix holds {INSTRUCTION_SLOT} {slots} times; once at most")
+        if slots and self.instruction is None:
+            raise ValueError(
+                f"the prefix has an {INSTRUCTION_SLOT} slot but no default instruction"
+            )
+        if self.instruction is not None and not slots:
+            raise ValueError(f"an instruction needs an {INSTRUCTION_SLOT} slot in the prefix")
+        return self
+
+    @property
+    def takes_instruction(self) -> bool:
+        return self.instruction is not None
+
+    def head(self, query: str, instruction: str | None = None) -> str:
+        """The text before the passage (a literal replace: a prefix may hold other braces)."""
+        chosen = self.instruction if instruction is None else instruction
+        return self.prefix.replace(INSTRUCTION_SLOT, chosen or "") + query + self.separator
 
 
 class ModelMetadata(BaseModel):
@@ -47,6 +89,8 @@ class ModelMetadata(BaseModel):
     activation: Activation = Activation.SIGMOID
     # variant name -> ONNX file name inside the directory.
     variants: dict[str, str] = Field(min_length=1)
+    # Set for an LLM reranker: its pairs are this template's text, not the tokenizer's pairs.
+    prompt: PromptTemplate | None = None
     # Provenance (base model, data, metrics, git commit): free-form, shown by `crossrank info`.
     training: dict[str, Any] = Field(default_factory=dict)
 

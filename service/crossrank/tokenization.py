@@ -1,16 +1,25 @@
-"""Turning (query, passages) into the token ids of ``[CLS] query [SEP] passage [SEP]`` pairs.
+"""Turning (query, passages) into the token ids of one pair per passage, in one of two forms
+behind one interface (:class:`PairEncoder`), so the batcher and engine never know which:
 
-The training package uses this same class, so a model is trained on exactly the inputs the
-service will give it.
+- :class:`PairTokenizer`, an encoder's pairs by its tokenizer's own pair template
+  (``[CLS] query [SEP] passage [SEP]``, ``<s> query </s></s> passage </s>``, ...);
+- :class:`PromptTokenizer`, an LLM reranker's pairs: the text of a prompt template around the
+  query and the passage, tokenised as one text.
+
+The training package uses these same classes, so a model is trained and exported on exactly the
+inputs the service will give it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
+
+from crossrank.model_dir import ModelDir, PromptTemplate
 
 
 class QueryTooLongError(ValueError):
@@ -30,6 +39,10 @@ class PassageTooLongError(ValueError):
         self.index = index
         self.tokens = tokens
         self.max_length = max_length
+
+
+class InstructionError(ValueError):
+    """An instruction was given to a model whose input has no place for one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,33 +65,74 @@ class EncodedRequest:
         return sum(p.length for p in self.pairs)
 
 
+class PairEncoder(Protocol):
+    """What the service asks of a pair tokeniser, whatever its form."""
+
+    max_query_tokens: int
+    max_length: int
+
+    def encode(
+        self,
+        query: str,
+        passages: list[str],
+        truncate: bool = True,
+        instruction: str | None = None,
+    ) -> EncodedRequest:
+        """One pair per passage. Blocking (Rust code that releases the GIL): call it off the
+        event loop. Raises QueryTooLongError / PassageTooLongError when ``truncate`` is false
+        and a cut is needed, InstructionError for an instruction the model has no place for."""
+        ...
+
+
+def _plain_tokenizer(tokenizer_file: str | Path) -> Tokenizer:
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def _cut_query(tokenizer: Tokenizer, query: str, budget: int, truncate: bool) -> tuple[str, bool]:
+    """The query, cut to ``budget`` tokens; and whether it was cut."""
+    encoding = tokenizer.encode(query, add_special_tokens=False)
+    if len(encoding.ids) <= budget:
+        return query, False
+    if not truncate:
+        raise QueryTooLongError(len(encoding.ids), budget)
+    # Cut the text at the end of the last token that fits, so every pair is built from the same
+    # query prefix.
+    end = encoding.offsets[budget - 1][1]
+    return query[:end], True
+
+
+def _pair(encoding: Encoding) -> EncodedPair:
+    return EncodedPair(
+        np.asarray(encoding.ids, dtype=np.int64), np.asarray(encoding.type_ids, dtype=np.int64)
+    )
+
+
 class PairTokenizer:
-    """Query truncated to ``max_query_tokens``; pair truncated longest-first to ``max_length``."""
+    """An encoder's pairs by its tokenizer's pair template. Query truncated to
+    ``max_query_tokens``; pair truncated longest-first to ``max_length``."""
 
     def __init__(self, tokenizer_file: str | Path, max_query_tokens: int, max_length: int) -> None:
         self.max_query_tokens = max_query_tokens
         self.max_length = max_length
-        self._query_tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        self._query_tokenizer.no_truncation()
-        self._query_tokenizer.no_padding()
+        self._query_tokenizer = _plain_tokenizer(tokenizer_file)
         self._pair_tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self._pair_tokenizer.no_padding()
         self._pair_tokenizer.enable_truncation(max_length, strategy="longest_first")
 
-    def _cut_query(self, query: str, truncate: bool) -> tuple[str, bool]:
-        encoding = self._query_tokenizer.encode(query, add_special_tokens=False)
-        if len(encoding.ids) <= self.max_query_tokens:
-            return query, False
-        if not truncate:
-            raise QueryTooLongError(len(encoding.ids), self.max_query_tokens)
-        # Cut the text at the end of the last token that fits, so the pair tokenizer sees the
-        # same query prefix for every passage.
-        end = encoding.offsets[self.max_query_tokens - 1][1]
-        return query[:end], True
-
-    def encode(self, query: str, passages: list[str], truncate: bool = True) -> EncodedRequest:
+    def encode(
+        self,
+        query: str,
+        passages: list[str],
+        truncate: bool = True,
+        instruction: str | None = None,
+    ) -> EncodedRequest:
         """Blocking (runs Rust code that releases the GIL): call it off the event loop."""
-        query, query_cut = self._cut_query(query, truncate)
+        if instruction is not None:
+            raise InstructionError("this model's pairs take no instruction")
+        query, query_cut = _cut_query(self._query_tokenizer, query, self.max_query_tokens, truncate)
         # The query is tokenised again inside every pair. Assembling the pairs from one query
         # encoding instead (encode_batch over the passages alone, then Tokenizer.post_process per
         # pair for truncation and the template) was measured no faster: the per-pair Python call
@@ -94,12 +148,90 @@ class PairTokenizer:
                 truncated += 1
             elif query_cut:
                 truncated += 1
-            pairs.append(
-                EncodedPair(
-                    np.asarray(enc.ids, dtype=np.int64), np.asarray(enc.type_ids, dtype=np.int64)
-                )
-            )
+            pairs.append(_pair(enc))
         return EncodedRequest(pairs, truncated)
 
     def _full_length(self, query: str, passage: str) -> int:
         return len(self._query_tokenizer.encode(query, passage).ids)
+
+
+class PromptTokenizer:
+    """An LLM reranker's pairs: ``template.head(query) + passage + template.suffix`` tokenised as
+    one text with the tokenizer's single-sequence special tokens (a BOS where it adds one), as
+    the models' own recipes tokenise it, so the tokens at the joins are the ones the model knows.
+    The query is cut to ``max_query_tokens`` first; then only the passage is cut, at a token's
+    end, until the pair fits ``max_length``: never the template, never the query's budget.
+    """
+
+    def __init__(
+        self,
+        tokenizer_file: str | Path,
+        template: PromptTemplate,
+        max_query_tokens: int,
+        max_length: int,
+    ) -> None:
+        self.template = template
+        self.max_query_tokens = max_query_tokens
+        self.max_length = max_length
+        self._tokenizer = _plain_tokenizer(tokenizer_file)
+        fixed = len(self._tokenizer.encode(template.head("") + template.suffix).ids)
+        # A pair must keep room for a passage after the template and a full query.
+        if fixed + max_query_tokens >= max_length:
+            raise ValueError(
+                f"the prompt template takes {fixed} tokens; with {max_query_tokens} query tokens "
+                f"nothing of a passage fits in max_length {max_length}"
+            )
+
+    def encode(
+        self,
+        query: str,
+        passages: list[str],
+        truncate: bool = True,
+        instruction: str | None = None,
+    ) -> EncodedRequest:
+        """Blocking (runs Rust code that releases the GIL): call it off the event loop."""
+        if instruction is not None and not self.template.takes_instruction:
+            raise InstructionError("this model's prompt template has no place for an instruction")
+        query, query_cut = _cut_query(self._tokenizer, query, self.max_query_tokens, truncate)
+        head = self.template.head(query, instruction)
+        encodings = self._tokenizer.encode_batch([self._text(head, p) for p in passages])
+        pairs: list[EncodedPair] = []
+        truncated = 0
+        for index, enc in enumerate(encodings):
+            if len(enc.ids) > self.max_length:
+                if not truncate:
+                    raise PassageTooLongError(index, len(enc.ids), self.max_length)
+                enc = self._cut_passage(index, head, passages[index], enc)
+                truncated += 1
+            elif query_cut:
+                truncated += 1
+            pairs.append(_pair(enc))
+        return EncodedRequest(pairs, truncated)
+
+    def _text(self, head: str, passage: str) -> str:
+        return head + passage + self.template.suffix
+
+    def _cut_passage(self, index: int, head: str, passage: str, encoding: Encoding) -> Encoding:
+        """Re-encode with the passage cut at the end of its last token that fits. A cut text
+        can tokenise a little differently at the cut, so the count is checked again."""
+        start, stop = len(head), len(head) + len(passage)
+        # The passage's tokens, by where they end in it (a token across the join counts).
+        ends = [end - start for begin, end in encoding.offsets if end > start and begin < stop]
+        keep = len(ends) - (len(encoding.ids) - self.max_length)
+        while keep > 0:
+            encoding = self._tokenizer.encode(self._text(head, passage[: ends[keep - 1]]))
+            if len(encoding.ids) <= self.max_length:
+                return encoding
+            keep -= len(encoding.ids) - self.max_length
+        # Only an instruction much longer than the default leaves no room for any passage.
+        raise PassageTooLongError(index, len(encoding.ids), self.max_length)
+
+
+def load_pair_encoder(model: ModelDir) -> PairEncoder:
+    """The model directory's pair tokeniser: its prompt template's, else its tokenizer's pairs."""
+    meta = model.metadata
+    if meta.prompt is None:
+        return PairTokenizer(model.tokenizer_path, meta.max_query_tokens, meta.max_length)
+    return PromptTokenizer(
+        model.tokenizer_path, meta.prompt, meta.max_query_tokens, meta.max_length
+    )
