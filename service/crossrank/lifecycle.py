@@ -19,7 +19,7 @@ from crossrank.model_dir import ModelDir, load_model_dir
 from crossrank.reranker import Reranker
 from crossrank.scheduling import AUTO_BATCH_TOKENS, BatchLimits
 from crossrank.settings import Settings
-from crossrank.tokenization import EncodedPair, PairTokenizer
+from crossrank.tokenization import EncodedPair, load_pair_encoder
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class Service:
         variant = model.choose_variant(s.variant, plan.device)
         engine = await asyncio.to_thread(self._engine_factory, model.variant_path(variant), plan)
         meta = model.metadata
-        tokenizer = PairTokenizer(model.tokenizer_path, meta.max_query_tokens, meta.max_length)
+        tokenizer = load_pair_encoder(model)
         probe = tokenizer.encode("warm up", ["the engine answers"]).pairs
         batch_tokens = s.max_batch_tokens or AUTO_BATCH_TOKENS[plan.device]
         self.batcher = Batcher(
