@@ -214,7 +214,7 @@ def test_probes_ports_and_service_meet(
     )
 
 
-def test_startup_budget_is_longer_than_readiness_would_allow(
+def test_startup_budget_outlasts_liveness_and_covers_minutes(
     overlay: tuple[str, Objects],
 ) -> None:
     c = container(overlay[1])
