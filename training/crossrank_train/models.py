@@ -12,7 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+)
 
 from crossrank.model_dir import TOKENIZER_FILE
 from crossrank_train import gated_bert  # noqa: F401  (registers its model type with Auto*)
@@ -34,12 +38,22 @@ def tokenizer_file(checkpoint: str | Path) -> Path:
     return path
 
 
-def load_cross_encoder(checkpoint: str | Path) -> PreTrainedModel:
-    """A sequence classifier with one output. Eager attention, so the exported graph has the
-    pattern onnxruntime's optimizer fuses into its Attention op; never touches the network."""
+def load_cross_encoder(checkpoint: str | Path, num_labels: int = 1) -> PreTrainedModel:
+    """A sequence classifier with ``num_labels`` outputs (one unless the export says two). Eager
+    attention, so the exported graph has the pattern onnxruntime's optimizer fuses into its
+    Attention op; never touches the network."""
     tokenizer_file(checkpoint)
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(checkpoint), num_labels=1, attn_implementation="eager", local_files_only=True
+        str(checkpoint), num_labels=num_labels, attn_implementation="eager", local_files_only=True
+    )
+    return model.float()
+
+
+def load_causal_lm(checkpoint: str | Path) -> PreTrainedModel:
+    """A causal LM (an LLM reranker's network), fp32 and eager attention as above."""
+    tokenizer_file(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(checkpoint), attn_implementation="eager", local_files_only=True
     )
     return model.float()
 

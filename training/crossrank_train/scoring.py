@@ -21,7 +21,7 @@ from crossrank.engine import CPU, OnnxEngine, plan_session
 from crossrank.model_dir import METADATA_FILE, load_model_dir
 from crossrank.scheduling import AUTO_BATCH_TOKENS, BatchLimits, RequestView, plan_batch
 from crossrank.settings import Settings
-from crossrank.tokenization import EncodedPair, PairTokenizer
+from crossrank.tokenization import EncodedPair, PairEncoder, PairTokenizer, load_pair_encoder
 from crossrank_train.encoding import batch_feeds, to_tensors
 from crossrank_train.models import (
     load_cross_encoder,
@@ -115,7 +115,7 @@ class OnnxScorer:
     """
 
     def __init__(
-        self, model_file: Path, tokenizer: PairTokenizer, limits: BatchLimits, name: str = ""
+        self, model_file: Path, tokenizer: PairEncoder, limits: BatchLimits, name: str = ""
     ) -> None:
         self.engine = OnnxEngine(model_file, plan_session("cpu", [CPU]))
         self.tokenizer = tokenizer
@@ -127,7 +127,7 @@ class OnnxScorer:
         model = load_model_dir(model_dir)
         meta = model.metadata
         variant = model.choose_variant(variant, "cpu")
-        tokenizer = PairTokenizer(model.tokenizer_path, meta.max_query_tokens, meta.max_length)
+        tokenizer = load_pair_encoder(model)
         return cls(model.variant_path(variant), tokenizer, limits, f"{meta.name} ({variant})")
 
     def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
