@@ -22,7 +22,7 @@ So at step 0 the score is the bi-encoder's cosine plus, where their scales are s
 the bi-encoder's own token embeddings and exact term matching, and training opens the
 cross-attention and learns a correction on top. MaxSim is there because it is the bi-encoder's
 token-level knowledge used as is: on the dev sets it re-ranks better than the pooled cosine before
-any training (README.md, "The default model", has the figures and the commands). The lexical term is
+any training (docs/model.md has the figures and the commands). The lexical term is
 there because a bi-encoder misses exact matches of rare terms (names, numbers, jargon) that BM25
 catches: the two are known to fail on different queries. Its IDF table is a buffer of the model,
 counted once over a reference corpus when the model is built (``term_idf``), so serving needs

@@ -11,7 +11,7 @@
 # step 0 on the NFCorpus dev set in five runs, one with the encoder frozen, and the NQ-only run of
 # step nq, which gained on its own dev set, did not gain on TREC DL 2021, nor did its weight-space
 # ensembles with step 0 (step soup); LCE held near step 0 by distilling its scores (step distill,
-# with and without dropout) did not gain on NFCorpus dev (README.md, "The default model");
+# with and without dropout) did not gain on NFCorpus dev (docs/model.md);
 # RESUME="--resume latest" continues a cut-off train or distill step.
 set -euo pipefail
 DATA=${1:?DATA_DIR}; WORK=${2:?WORK_DIR}; shift 2
@@ -84,7 +84,7 @@ train)
   $CR train --model "$WORK/init" --groups "$WORK/groups/mix.jsonl" --out "$WORK/train" \
     --loss lce --negatives 7 --batch-groups 4 --accumulation 2 --steps 500 --lr 2e-5 --head-lr 2e-3 \
     --gate-lr 1e-2 --max-length 192 --bf16 --save-every 50 --eval-every 50 $NF_DEV ${RESUME:-} ;;
-nq)  # the seventh fine-tuning run (README.md, "The default model"): LCE on NQ/QED train alone
+nq)  # the seventh fine-tuning run (docs/model.md): LCE on NQ/QED train alone
   # (BM25 negatives, ranks 10-100), its first 200 queries held out as the dev set (train leaves
   # their groups out); NFCorpus dev checks that a checkpoint costs nothing elsewhere
   NQ_DEV="$DATA/nq-qed/train.jsonl.gz"
@@ -101,7 +101,7 @@ nq)  # the seventh fine-tuning run (README.md, "The default model"): LCE on NQ/Q
       --max-queries 100 --depth 30 --model "$WORK/train-nq/checkpoints/step-$ckpt/model" \
       --max-length 192 --out "$WORK/nf-dev-nq-$ckpt.json"
   done ;;
-soup)  # the eighth (README.md, "The default model"): WiSE-FT between step 0 and step nq's step
+soup)  # the eighth (docs/model.md): WiSE-FT between step 0 and step nq's step
   # 100, no training; alphas judged on the same two dev sets
   for alpha in 0.25 0.5 0.75; do
     $CR interpolate --start "$WORK/init" --tuned "$WORK/train-nq/checkpoints/step-000100/model" \
@@ -116,7 +116,7 @@ soup)  # the eighth (README.md, "The default model"): WiSE-FT between step 0 and
   # shellcheck disable=SC2086
   $CR eval --pairs "$DATA/nq-qed/train.jsonl.gz" --max-queries 200 --depth 30 $SOUPS \
     --max-length 192 --out "$WORK/soup/nq-dev.json" ;;
-distill)  # the ninth (README.md, "The default model"): LCE beside MarginMSE on the step-0
+distill)  # the ninth (docs/model.md): LCE beside MarginMSE on the step-0
   # network's own scores (it stays the teacher while the labels move the student), on the first
   # 2,000 groups of the mix (run with DENSE= mine mix, as run 4 was)
   head -n 2000 "$WORK/groups/mix.jsonl" > "$WORK/groups/mix-2000.jsonl"
