@@ -40,7 +40,12 @@ class Settings(BaseSettings):
     )
     max_batch_pairs: int = Field(default=128, ge=1)
     max_wait_ms: float = Field(default=2.0, ge=0)
-    max_queued_pairs: int = Field(default=4000, ge=1)
+    max_queued_pairs: int = Field(
+        default=4000,
+        ge=1,
+        description="Room for pairs being tokenised, queued or scored; a request that would "
+        "overflow it is refused (503) before any work.",
+    )
     length_sorting: bool = Field(
         default=True, description="Sort each request's pairs by length before batching."
     )
