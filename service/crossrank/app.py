@@ -17,7 +17,7 @@ from crossrank.engine import OnnxEngine
 from crossrank.errors import ErrorType, ServiceError, error_response, invalid
 from crossrank.lifecycle import EngineFactory, Service
 from crossrank.metrics import Metrics
-from crossrank.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from crossrank.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestMetricsMiddleware
 from crossrank.routes import router
 from crossrank.settings import Settings
 
@@ -110,6 +110,19 @@ def create_app(settings: Settings, engine_factory: EngineFactory = OnnxEngine) -
         )
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
+    keys = settings.load_api_keys()
+    if keys:
+        # Probes stay open: a kubelet sends no key.
+        open_paths = {"/health", "/ready"}
+        if not settings.metrics_require_key:
+            open_paths.add("/metrics")
+        app.add_middleware(
+            ApiKeyMiddleware,
+            keys=keys,
+            open_paths=open_paths,
+            metrics=metrics,
+            retry_after_s=settings.retry_after_s,
+        )
     # Added last, so outermost: it times every answer, the body limit's 413s included.
     app.add_middleware(RequestMetricsMiddleware, endpoints=ENDPOINT_LABELS, metrics=metrics)
     return app

@@ -14,6 +14,7 @@ from crossrank.responses import JSONResponse
 
 class ErrorType(StrEnum):
     INVALID_REQUEST = "invalid_request"
+    UNAUTHORIZED = "unauthorized"
     BODY_TOO_LARGE = "body_too_large"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
@@ -27,6 +28,7 @@ class ErrorType(StrEnum):
 
 STATUS: dict[ErrorType, int] = {
     ErrorType.INVALID_REQUEST: 422,
+    ErrorType.UNAUTHORIZED: 401,
     ErrorType.BODY_TOO_LARGE: 413,
     ErrorType.NOT_FOUND: 404,
     ErrorType.METHOD_NOT_ALLOWED: 405,
@@ -75,5 +77,10 @@ def invalid(message: str, field: str) -> ServiceError:
 
 
 def error_response(error: ServiceError, retry_after_s: int) -> JSONResponse:
-    headers = {"Retry-After": str(retry_after_s)} if error.type in RETRYABLE else None
+    headers = {}
+    if error.type in RETRYABLE:
+        headers["Retry-After"] = str(retry_after_s)
+    if error.type is ErrorType.UNAUTHORIZED:
+        # RFC 6750: the scheme the client must use.
+        headers["WWW-Authenticate"] = 'Bearer realm="crossrank"'
     return JSONResponse(error.body(), status_code=error.status, headers=headers)

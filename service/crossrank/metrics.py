@@ -44,9 +44,10 @@ TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 ENDPOINTS = ("/rerank", "/v1/rerank")
-STATUSES = ("200", "400", "413", "422", "500", "503", "504")
+STATUSES = ("200", "400", "401", "413", "422", "500", "503", "504")
 DROP_REASONS = ("deadline", "disconnected", "failed")
 REJECT_REASONS = ("queue_full", "not_ready", "shutting_down", "invalid", "too_large")
+AUTH_FAILURE_REASONS = ("missing", "malformed", "wrong_key")
 
 
 class Metrics:
@@ -128,6 +129,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.auth_failures = Counter(
+            "crossrank_auth_failures",
+            "Requests refused with 401, by reason (missing header, not 'Bearer KEY', unknown key).",
+            ["reason"],
+            registry=r,
+        )
         self.engine_failures = Counter(
             "crossrank_engine_failures", "Batches whose inference raised.", registry=r
         )
@@ -142,4 +149,6 @@ class Metrics:
             self.dropped_pairs.labels(reason)
         for reason in REJECT_REASONS:
             self.rejected_requests.labels(reason)
+        for reason in AUTH_FAILURE_REASONS:
+            self.auth_failures.labels(reason)
         self.model.info({"name": "", "variant": "", "provider": ""})

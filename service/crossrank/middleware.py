@@ -1,14 +1,70 @@
-"""ASGI middleware: the request-body size limit and the request-duration metric."""
+"""ASGI middleware: API keys, the request-body size limit and the request-duration metric."""
 
 from __future__ import annotations
 
+import hmac
 import time
+from collections.abc import Collection
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crossrank.errors import ErrorType, ServiceError, error_response
 from crossrank.metrics import Metrics
+
+
+class ApiKeyMiddleware:
+    """401 unless ``Authorization: Bearer KEY`` names one of ``keys``; ``open_paths`` are exempt.
+
+    Every key is compared, in constant time, whatever matched before: the time taken tells a
+    caller nothing about how much of a key it guessed, nor which key it was near. The key never
+    reaches a log or a metric: failures are counted by reason only.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: Collection[str],
+        open_paths: Collection[str],
+        metrics: Metrics,
+        retry_after_s: int,
+    ) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+        self.open_paths = frozenset(open_paths)
+        self.metrics = metrics
+        self.retry_after_s = retry_after_s
+
+    def _failure(self, header: bytes | None) -> str | None:
+        """Why ``header`` does not authorise the request, or None when it does."""
+        if header is None:
+            return "missing"
+        scheme, _, key = header.partition(b" ")
+        key = key.strip()
+        if scheme.lower() != b"bearer" or not key:
+            return "malformed"
+        matched = False
+        for known in self.keys:
+            matched |= hmac.compare_digest(known, key)
+        return None if matched else "wrong_key"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization")
+        reason = self._failure(header)
+        if reason is None:
+            await self.app(scope, receive, send)
+            return
+        self.metrics.auth_failures.labels(reason).inc()
+        message = {
+            "missing": "this server needs an API key: send 'Authorization: Bearer KEY'",
+            "malformed": "the Authorization header must be 'Bearer KEY'",
+            "wrong_key": "the API key is not valid",
+        }[reason]
+        error = ServiceError(ErrorType.UNAUTHORIZED, message)
+        await error_response(error, self.retry_after_s)(scope, receive, send)
 
 
 class BodyLimitMiddleware:

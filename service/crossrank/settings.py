@@ -56,8 +56,32 @@ class Settings(BaseSettings):
     )
     retry_after_s: int = Field(default=1, ge=1)
 
+    # Access.
+    api_keys: str = Field(
+        default="",
+        repr=False,
+        description="Comma-separated API keys; when any is set (here or in api_keys_file), "
+        "requests need 'Authorization: Bearer KEY'.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None, description="A file of API keys, one per line (e.g. a mounted secret)."
+    )
+    metrics_require_key: bool = Field(
+        default=False, description="Ask for a key on /metrics too (it is open by default)."
+    )
+
+    def load_api_keys(self) -> frozenset[str]:
+        """The keys of ``api_keys`` and ``api_keys_file``; empty = no authentication. Read once at
+        start-up: a rotated key file takes effect on restart."""
+        keys = [k.strip() for k in self.api_keys.split(",")]
+        if self.api_keys_file is not None:
+            keys += [line.strip() for line in self.api_keys_file.read_text().splitlines()]
+        return frozenset(k for k in keys if k)
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        if self.api_keys_file is not None and not self.api_keys_file.is_file():
+            raise ValueError(f"api_keys_file {self.api_keys_file} is not a readable file")
         if self.max_passages > self.max_queued_pairs:
             raise ValueError(
                 f"max_passages ({self.max_passages}) must not exceed max_queued_pairs "
