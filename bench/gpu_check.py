@@ -450,7 +450,9 @@ def render(record: dict[str, Any]) -> str:
         if state:
             lines.append(f"| {env['device']} | | | {state} |")
         else:
-            lines.append(f"| {env['device']} | {server['variant']} | {server['provider']} | |")
+            lines.append(
+                f"| {env['device']} | {server['variant']} | {server['provider']} | candidate |"
+            )
     agreement = heading("Ranking agreement (raw logits)", "agreement")
     if agreement is not None:
         lines += [

@@ -107,14 +107,25 @@ for path in site.getsitepackages():
     print(f"import site; site.addsitedir({path!r})")' >"$site/crossrank-base-python.pth" ||
       die "could not read the site-packages of $base_python"
   fi
-  pip=("$venv/bin/python" -m pip)
-  "${pip[@]}" --version >/dev/null 2>&1 || pip=("$python" -m pip --python "$venv/bin/python")
+  # Only the handed wheels: no pip configuration (an index, find-links, constraints) applies.
+  pip=(env PIP_CONFIG_FILE=/dev/null "$venv/bin/python" -m pip --isolated)
+  "${pip[@]}" --version >/dev/null 2>&1 ||
+    pip=(env PIP_CONFIG_FILE=/dev/null "$python" -m pip --isolated --python "$venv/bin/python")
   mapfile -t requirements < <("$python" -m bench.gpu_requirements)
   echo "gpu-check: installing from $wheels: ${requirements[*]}"
-  "${pip[@]}" install --no-index --find-links "$wheels" --only-binary=:all: \
-    --disable-pip-version-check --progress-bar off "${requirements[@]}" ||
-    die "pip could not install the kit from $wheels: the lines above name what is missing" \
-      "(bench/README.md, 'GPU check kit', says which wheels to hand over)"
+  install=(install --no-index --find-links "$wheels" --only-binary=:all: --progress-bar off)
+  if ! "${pip[@]}" "${install[@]}" "${requirements[@]}"; then
+    # pip names the first requirement it cannot meet; each of the kit's own is tried alone, so
+    # that one message lists them all (a missing dependency of theirs pip names above).
+    missing=()
+    for requirement in "${requirements[@]}"; do
+      "${pip[@]}" "${install[@]}" --dry-run --no-deps "$requirement" >/dev/null 2>&1 ||
+        missing+=("$requirement")
+    done
+    die "pip could not install the kit from $wheels; not there (nor in --base-python):" \
+      "${missing[*]:-none of the kit requirements themselves, so a dependency named above}." \
+      "bench/README.md ('GPU check kit') says which wheels to hand over"
+  fi
 elif [[ ! -x $venv/bin/python ]]; then
   die "no venv at $venv and no --wheels to make one from"
 fi
