@@ -68,9 +68,10 @@ def test_overload_refuses_fast_without_tokenising(
             assert response.headers["Retry-After"] == "1"
         # A refusal costs no tokenisation: only the admitted requests were tokenised.
         assert sorted(tokenised) == sorted(b["query"] for _, b in accepted)
-        # Refusals do not queue behind each other's work; the bound is loose because this
-        # 2-core machine is shared (bench/overload.py measures the real figure).
-        assert max(seconds for _, seconds in refused) < 1.0
+        # The refusals came back while the engine was held shut, so none waited on inference.
+        # The bound only catches a refusal stuck behind other work (e.g. all 16 tokenisations):
+        # a shared 2-core CI machine makes a tight one flaky; bench/overload.py measures p99.
+        assert max(seconds for _, seconds in refused) < 5.0
         for response, body in accepted:
             solo, _ = post(srv, body)
             assert solo.status_code == 200

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -17,11 +15,14 @@ from crossrank.engine import OnnxEngine
 from crossrank.errors import ErrorType, ServiceError, error_response, invalid
 from crossrank.lifecycle import EngineFactory, Service
 from crossrank.metrics import Metrics
-from crossrank.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestMetricsMiddleware
+from crossrank.middleware import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    RequestContextMiddleware,
+    RequestMetricsMiddleware,
+)
 from crossrank.routes import router
 from crossrank.settings import Settings
-
-log = logging.getLogger(__name__)
 
 ENDPOINT_LABELS = {"/rerank": "/rerank", "/v1/rerank": "/v1/rerank", "/v2/rerank": "/v1/rerank"}
 
@@ -101,14 +102,6 @@ def create_app(settings: Settings, engine_factory: EngineFactory = OnnxEngine) -
             error_type = ErrorType.INVALID_REQUEST if exc.status_code < 500 else ErrorType.INTERNAL
         return respond(ServiceError(error_type, str(exc.detail)))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> Response:
-        error_id = uuid.uuid4().hex[:12]
-        log.exception("internal error %s", error_id, exc_info=exc)
-        return respond(
-            ServiceError(ErrorType.INTERNAL, f"internal error (id {error_id})", error_id=error_id)
-        )
-
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
     keys = settings.load_api_keys()
     if keys:
@@ -123,6 +116,10 @@ def create_app(settings: Settings, engine_factory: EngineFactory = OnnxEngine) -
             metrics=metrics,
             retry_after_s=settings.retry_after_s,
         )
-    # Added last, so outermost: it times every answer, the body limit's 413s included.
+    # It times every answer, the body limit's 413s and the 401s included.
     app.add_middleware(RequestMetricsMiddleware, endpoints=ENDPOINT_LABELS, metrics=metrics)
+    # Added last, so outermost: every response, whatever answered it, carries the request id.
+    app.add_middleware(
+        RequestContextMiddleware, access=settings.access_log, retry_after_s=settings.retry_after_s
+    )
     return app

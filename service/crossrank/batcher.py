@@ -64,6 +64,8 @@ class _Request:
     future: asyncio.Future[np.ndarray]
     logits: np.ndarray = field(init=False)
     outstanding: int = field(init=False)  # pairs not yet scored: pending + in flight
+    first_dispatch_at: float | None = None
+    scored_at: float | None = None
 
     def __post_init__(self) -> None:
         self.logits = np.empty(len(self.pairs), dtype=np.float32)
@@ -82,6 +84,14 @@ class Ticket:
     @property
     def pairs(self) -> int:
         return len(self._request.pairs)
+
+    def timings(self) -> tuple[float, float]:
+        """Seconds (queued, in inference) of a scored request: from admission to its first
+        batch, and from then to its last pair scored."""
+        r = self._request
+        if r.first_dispatch_at is None or r.scored_at is None:
+            raise ValueError("the request has not been scored")
+        return r.first_dispatch_at - r.admitted_at, r.scored_at - r.first_dispatch_at
 
 
 @dataclass(slots=True)
@@ -310,6 +320,8 @@ class Batcher:
         for request, positions in prepared.rows:
             taken = set(positions)
             request.pending = [p for p in request.pending if p not in taken]
+            if request.first_dispatch_at is None:
+                request.first_dispatch_at = now
             m.queue_wait.observe(now - request.admitted_at)
         self._queued -= prepared.plan.pairs
         batch = prepared.batch
@@ -367,6 +379,7 @@ class Batcher:
             # Also for a request abandoned meanwhile: its pairs held their room until now.
             self.release(request.reservation, n)
             if request.outstanding == 0 and not request.future.done():
+                request.scored_at = self._clock()
                 self._requests.pop(request.key, None)
                 request.future.set_result(request.logits)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import typing
 from pathlib import Path
@@ -87,9 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     for name in TRAINING_COMMANDS:
         commands.add_parser(name, help="(training package) see `crossrank NAME --help`")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     return _serve(args)
 
 

@@ -1,7 +1,8 @@
 """The one error type of the service and the one place that maps it to HTTP.
 
 Every failure a client can see is a :class:`ServiceError` with a :class:`ErrorType`; the body is
-always ``{"error": {"type", "message", "field"?, "id"?}}``.
+always ``{"error": {"type", "message", "field"?, "id"}}``, ``id`` being the request's id (its
+``X-Request-ID`` header and the key to its log lines).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
+from crossrank.request_context import current
 from crossrank.responses import JSONResponse
 
 
@@ -63,12 +65,12 @@ class ServiceError(Exception):
     def status(self) -> int:
         return STATUS[self.type]
 
-    def body(self) -> dict[str, Any]:
+    def body(self, request_id: str | None) -> dict[str, Any]:
         error: dict[str, Any] = {"type": self.type.value, "message": self.message}
         if self.field is not None:
             error["field"] = self.field
-        if self.error_id is not None:
-            error["id"] = self.error_id
+        if request_id is not None:
+            error["id"] = request_id
         return {"error": error}
 
 
@@ -83,4 +85,6 @@ def error_response(error: ServiceError, retry_after_s: int) -> JSONResponse:
     if error.type is ErrorType.UNAUTHORIZED:
         # RFC 6750: the scheme the client must use.
         headers["WWW-Authenticate"] = 'Bearer realm="crossrank"'
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    record = current()
+    body = error.body(record.id if record is not None else None)
+    return JSONResponse(body, status_code=error.status, headers=headers)

@@ -1,16 +1,86 @@
-"""ASGI middleware: API keys, the request-body size limit and the request-duration metric."""
+"""ASGI middleware: request ids and the access log, API keys, the request-body size limit and
+the request-duration metric."""
 
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from collections.abc import Collection
 
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crossrank.errors import ErrorType, ServiceError, error_response
 from crossrank.metrics import Metrics
+from crossrank.request_context import RequestRecord, bind, request_id, unbind
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("crossrank.access")
+
+
+class RequestContextMiddleware:
+    """Outermost: gives each request its id (the client's ``X-Request-ID`` if sane, else a new
+    one), returns it on every response, turns any exception that escaped the app into the one
+    error body (500 ``internal``, logged with its traceback, never sent), and writes one access
+    line per request."""
+
+    def __init__(self, app: ASGIApp, access: bool, retry_after_s: int) -> None:
+        self.app = app
+        self.access = access
+        self.retry_after_s = retry_after_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        record = RequestRecord(request_id(dict(scope["headers"]).get(b"x-request-id")))
+        token = bind(record)
+        started = time.monotonic()
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message).append("X-Request-ID", record.id)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("internal error")
+            if status:
+                raise  # the answer had begun: all that is left is to drop the connection
+            error = ServiceError(ErrorType.INTERNAL, f"internal error (request id {record.id})")
+            await error_response(error, self.retry_after_s)(scope, receive, send_with_id)
+        finally:
+            if self.access:
+                access_log.info(
+                    "%s %s %s",
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    extra={"fields": self._fields(scope, record, status, started)},
+                )
+            unbind(token)
+
+    @staticmethod
+    def _fields(scope: Scope, record: RequestRecord, status: int, started: float) -> dict:
+        def ms(value: float | None) -> float | None:
+            return None if value is None else round(value, 2)
+
+        return {
+            "method": scope["method"],
+            "route": scope["path"],
+            "status": status,
+            "passages": record.passages,
+            "tokens": record.tokens,
+            "queue_ms": ms(record.queue_ms),
+            "inference_ms": ms(record.inference_ms),
+            "total_ms": ms(1000 * (time.monotonic() - started)),
+        }
 
 
 class ApiKeyMiddleware:

@@ -14,6 +14,7 @@ from crossrank.batcher import Batcher
 from crossrank.errors import ErrorType, ServiceError, invalid
 from crossrank.metrics import Metrics
 from crossrank.model_dir import Activation
+from crossrank.request_context import current
 from crossrank.tokenization import (
     EncodedRequest,
     PairTokenizer,
@@ -119,11 +120,19 @@ class Reranker:
             # Refused, failed or cancelled before it was queued: nothing holds its room.
             self._batcher.release(reservation)
             raise
+        record = current()
+        if record is not None:
+            record.passages = len(passages)
+            record.tokens = encoded.tokens
         self._metrics.inflight_requests.inc()
         try:
             logits = await self._batcher.wait(ticket)
         finally:
             self._metrics.inflight_requests.dec()
+        if record is not None:
+            queued_s, inference_s = ticket.timings()
+            record.queue_ms = 1000 * queued_s
+            record.inference_ms = 1000 * inference_s
         if raw_scores or self._activation is Activation.IDENTITY:
             scores = logits
         else:

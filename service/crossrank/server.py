@@ -9,6 +9,7 @@ from types import FrameType
 import uvicorn
 
 from crossrank.app import create_app
+from crossrank.logs import configure
 from crossrank.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -31,12 +32,16 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(settings: Settings) -> None:
+    configure(settings.log_format)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level="info",
+        # Our handler formats uvicorn's records too; our access line replaces uvicorn's.
+        log_config=None,
+        access_log=not settings.access_log,
         # Admitted requests are always answered: no time limit on the graceful shutdown.
         timeout_graceful_shutdown=None,
     )

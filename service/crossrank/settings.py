@@ -56,6 +56,14 @@ class Settings(BaseSettings):
     )
     retry_after_s: int = Field(default=1, ge=1)
 
+    # Logs.
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text, or json: one JSON object per line."
+    )
+    access_log: bool = Field(
+        default=True, description="One line per request: id, route, status, sizes, timings."
+    )
+
     # Access.
     api_keys: str = Field(
         default="",
