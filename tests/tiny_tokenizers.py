@@ -97,3 +97,14 @@ def qwen() -> Tokenizer:
     tokenizer = byte_level_bpe(QWEN_SPECIALS)
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     return tokenizer
+
+
+# Qwen3-Reranker's prompt (its model card's), as a crossrank prompt template.
+QWEN3_RERANKER_PROMPT = {
+    "prefix": "<|im_start|>system\nJudge whether the Document meets the requirements based on "
+    'the Query and the Instruct provided. Note that the answer can only be "yes" or "no".'
+    "<|im_end|>\n<|im_start|>user\n<Instruct>: {instruction}\n<Query>: ",
+    "separator": "\n<Document>: ",
+    "suffix": "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+    "instruction": "Given a web search query, retrieve relevant passages that answer the query",
+}
