@@ -27,7 +27,8 @@ Each section is written to OUT/gpu-check.md (tables, then every figure as one JS
 as it ends, and a section that fails or starts past --budget-s is recorded as such, so a run cut
 short keeps what it measured. The raw scores go to OUT/gpu-check-scores.json and the servers'
 output to OUT/server-*.log. Exit status: 0 when every section ran and every comparison met its
-gate, 1 when a comparison missed, 2 when a section failed or was skipped.
+gate, 3 when a comparison missed, 4 when a section failed or was skipped (1 and 2 stay Python's
+and argparse's own).
 
 `--device cpu` runs the same code on CPU (tests/test_gpu_check.py does, on a tiny model).
 """
@@ -68,6 +69,7 @@ from crossrank.tokenization import EncodedPair, load_pair_encoder
 RESULTS = "gpu-check.md"
 SCORES = "gpu-check-scores.json"
 SECTIONS = ("preflight", "reference", "server", "agreement", "service", "latency_1000", "engine")
+MISSED, INCOMPLETE = 3, 4  # exit statuses
 # Seeds of the request sets: the same requests for every server, in every run of the kit.
 AGREEMENT_SEED, SERVICE_SEED, LONG_SEED, ENGINE_SEED = 15, 1500, 15000, 150000
 
@@ -174,6 +176,8 @@ def scores(server: Server, requests: list[Request]) -> list[np.ndarray]:
             logits = np.full(len(request.passages), np.nan)
             for result in response.json()["results"]:
                 logits[result["index"]] = result["score"]
+            if np.isnan(logits).any():
+                raise RuntimeError(f"{server.target.url} left passages of a request unscored")
             out.append(logits)
     return out
 
@@ -367,7 +371,7 @@ class Kit:
         if not self.section("preflight", self.preflight):
             for name in SECTIONS[1:]:
                 self.skip(name, "the engine does not run: see the preflight section")
-            return 2
+            return INCOMPLETE
         if self.section("reference", self.reference):
             self.run_on_device()
         else:
@@ -377,8 +381,8 @@ class Kit:
         self.record["total_s"] = round(self.elapsed(), 2)
         self.save()
         if any("skipped" in self.record[n] or "error" in self.record[n] for n in SECTIONS):
-            return 2
-        return 0 if all(c["met"] for c in self.record["agreement"]["comparisons"]) else 1
+            return INCOMPLETE
+        return 0 if all(c["met"] for c in self.record["agreement"]["comparisons"]) else MISSED
 
     def run_on_device(self) -> None:
         with contextlib.ExitStack() as stack:
@@ -441,6 +445,9 @@ def render(record: dict[str, Any]) -> str:
             return None
         return section
 
+    preflight = heading("Preflight: one pair through the engine, in the kit's process", "preflight")
+    if preflight is not None:
+        lines.append(f"{preflight['variant']} on {preflight['provider']}")
     reference, server = heading("Servers", "reference"), record.get("server", {})
     if reference is not None:
         lines += ["| server | variant | provider | |", "|---|---|---|---|"]

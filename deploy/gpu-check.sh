@@ -160,8 +160,9 @@ if [[ -f $out/gpu-check.md ]]; then
 fi
 case $status in
   0) echo "gpu-check: every section ran and every comparison met its gate ($out)" ;;
-  1) echo "gpu-check: a ranking comparison missed its gate ($out/gpu-check.md)" >&2 ;;
+  3) echo "gpu-check: a ranking comparison missed its gate ($out/gpu-check.md)" >&2 ;;
+  4) echo "gpu-check: a section failed or was skipped ($out/gpu-check.md)" >&2 ;;
   124 | 137) echo "gpu-check: stopped at the $budget s limit; finished sections are in $out" >&2 ;;
-  *) echo "gpu-check: a section failed or was skipped (exit $status; $out/gpu-check.md)" >&2 ;;
+  *) echo "gpu-check: the kit stopped with exit status $status: its output is above" >&2 ;;
 esac
 exit "$status"

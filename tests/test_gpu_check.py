@@ -105,7 +105,14 @@ def test_every_section_has_sane_figures(kit_run: Path) -> None:
         assert p["pairs_per_s"] > 0 and p["tflops"] > 0 and 0 < p["padding_efficiency"] <= 1
     assert record["total_s"] > 0
     text = (kit_run / gpu_check.RESULTS).read_text()
-    for title in ("Ranking agreement", "Service", "Long requests", "Engine", "Timings"):
+    for title in (
+        "Preflight",
+        "Servers",
+        "Ranking agreement",
+        "Service",
+        "Long requests",
+        "Engine",
+    ):
         assert f"## {title}" in text
 
 
@@ -148,6 +155,38 @@ def test_raw_scores_reproduce_the_figures_and_a_perturbation_is_caught(kit_run: 
     assert reversed_order.kendall_tau == pytest.approx(-1.0)
     assert reversed_order.top10_overlap == 0.0
     assert not reversed_order.meets(THRESHOLDS["int8"])
+
+
+def run_kit(model_dir: ModelDir, folder: Path, *args: str) -> subprocess.CompletedProcess:
+    passages, queries = write_workload(folder)
+    given = options(model=model_dir.path, passages=passages, queries=queries, out=folder / "out")
+    return subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", *given, *SIZES, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_without_cuda_the_preflight_says_so_and_nothing_else_runs(
+    model_dir: ModelDir, tmp_path: Path
+) -> None:
+    done = run_kit(model_dir, tmp_path, "--device", "cuda")
+    assert done.returncode == gpu_check.INCOMPLETE, done.stderr
+    record = figures(tmp_path / "out")
+    assert "no CUDAExecutionProvider" in record["preflight"]["error"]
+    for name in gpu_check.SECTIONS[1:]:
+        assert "preflight" in record[name]["skipped"]
+    assert "**failed**: EngineConfigError" in (tmp_path / "out" / gpu_check.RESULTS).read_text()
+
+
+def test_no_section_starts_past_the_budget(model_dir: ModelDir, tmp_path: Path) -> None:
+    done = run_kit(model_dir, tmp_path, "--device", "cpu", "--budget-s", "0")
+    assert done.returncode == gpu_check.INCOMPLETE, done.stderr
+    record = figures(tmp_path / "out")
+    assert "budget" in record["preflight"]["skipped"]
+    assert not list((tmp_path / "out").glob("server-*.log"))
 
 
 def test_numpy_tau_b_equals_scipy_with_and_without_ties() -> None:
