@@ -112,6 +112,7 @@ for path in site.getsitepackages():
   "${pip[@]}" --version >/dev/null 2>&1 ||
     pip=(env PIP_CONFIG_FILE=/dev/null "$python" -m pip --isolated --python "$venv/bin/python")
   mapfile -t requirements < <("$python" -m bench.gpu_requirements)
+  ((${#requirements[@]})) || die "$python could not read pyproject.toml (Python >= 3.11 needed)"
   echo "gpu-check: installing from $wheels: ${requirements[*]}"
   install=(install --no-index --find-links "$wheels" --only-binary=:all: --progress-bar off)
   if ! "${pip[@]}" "${install[@]}" "${requirements[@]}"; then

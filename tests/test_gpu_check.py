@@ -245,6 +245,9 @@ def test_the_wrapper_says_what_is_missing(tmp_path: Path) -> None:
         )
         assert done.returncode == 2, (args, done.stderr)
         assert message in done.stderr, (args, done.stderr)
+    usage = subprocess.run(["bash", str(WRAPPER), "--help"], capture_output=True, text=True)
+    assert usage.returncode == 0 and "--wheels DIR" in usage.stdout
+    assert "set -euo" not in usage.stdout
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
