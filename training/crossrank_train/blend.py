@@ -37,7 +37,7 @@ from crossrank_train.evaluate import (
     select_eval_set,
 )
 from crossrank_train.gated_bert import BM25Params, GatedBertForRanking, lexical_match, segments
-from crossrank_train.models import tokenizer_file
+from crossrank_train.models import load_cross_encoder, tokenizer_file
 from crossrank_train.readers import Run, read_collection
 from crossrank_train.scoring import score_in_batches
 
@@ -280,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             parser.error(f"{args.parts} has no {', '.join(missing)}: score them again (--model)")
     else:
-        model = GatedBertForRanking.from_pretrained(str(args.model))
+        model = load_cross_encoder(args.model)
+        if not isinstance(model, GatedBertForRanking):
+            parser.error(f"{args.model} is no gated model (crossrank_train.gated_bert/_mpnet)")
         tokenizer = PairTokenizer(tokenizer_file(args.model), 64, args.max_length)
         parts = score_parts(model, tokenizer, eval_set, bm25)
         if args.parts:

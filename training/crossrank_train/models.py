@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from crossrank.model_dir import TOKENIZER_FILE
-from crossrank_train import gated_bert  # noqa: F401  (registers its model type with Auto*)
+from crossrank_train import gated_bert, gated_mpnet  # noqa: F401  (register their model types)
 
 PROVENANCE_FILE = "crossrank_train.json"
 
