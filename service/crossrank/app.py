@@ -55,7 +55,8 @@ def _field(loc: tuple) -> str | None:
 def validation_error(exc: RequestValidationError) -> ServiceError:
     first = exc.errors()[0]
     if first.get("type") == "json_invalid":
-        return invalid(f"the body is not valid JSON: {first.get('msg')}", "body")
+        reason = first.get("ctx", {}).get("error") or first.get("msg")
+        return invalid(f"the body is not valid JSON: {reason}", "body")
     field = _field(tuple(first.get("loc", ()))) or "body"
     if first.get("type") == "missing":
         return invalid(f"{field} is required", field)

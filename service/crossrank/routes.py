@@ -9,18 +9,41 @@ from typing import TypeVar
 
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
+from crossrank.errors import ErrorType
+from crossrank.json_body import StrictJSONRoute
 from crossrank.lifecycle import Service
 from crossrank.responses import JSONResponse
-from crossrank.schemas import CohereRerankRequest, CohereResponse, RerankRequest, RerankResponse
+from crossrank.schemas import (
+    CohereRerankRequest,
+    CohereResponse,
+    HealthResponse,
+    ReadyResponse,
+    RerankRequest,
+    RerankResponse,
+    error_responses,
+)
 
 T = TypeVar("T")
 
 # nginx's code for "client closed request": logged and counted, never seen by the client.
 CLIENT_CLOSED = 499
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
+
+# What a rerank route can answer besides 200 (documented in the OpenAPI, checked by fuzzing).
+RERANK_ERRORS = error_responses(
+    ErrorType.UNAUTHORIZED,
+    ErrorType.BODY_TOO_LARGE,
+    ErrorType.INVALID_REQUEST,
+    ErrorType.ENGINE_FAILURE,
+    ErrorType.INTERNAL,
+    ErrorType.QUEUE_FULL,
+    ErrorType.NOT_READY,
+    ErrorType.SHUTTING_DOWN,
+    ErrorType.DEADLINE_EXCEEDED,
+)
 
 
 def _service(request: Request) -> Service:
@@ -51,6 +74,7 @@ async def _until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
 @router.post(
     "/rerank",
     response_model=RerankResponse,
+    responses=RERANK_ERRORS,
     summary="Score passages against a query and return them best first.",
 )
 async def rerank(body: RerankRequest, request: Request) -> Response:
@@ -90,9 +114,12 @@ async def rerank(body: RerankRequest, request: Request) -> Response:
 @router.post(
     "/v1/rerank",
     response_model=CohereResponse,
+    responses=RERANK_ERRORS,
     summary="Cohere/Jina-compatible rerank (also at /v2/rerank).",
 )
-@router.post("/v2/rerank", response_model=CohereResponse, include_in_schema=False)
+@router.post(
+    "/v2/rerank", response_model=CohereResponse, responses=RERANK_ERRORS, include_in_schema=False
+)
 async def cohere_rerank(body: CohereRerankRequest, request: Request) -> Response:
     service = _service(request)
     texts = body.documents
@@ -130,12 +157,23 @@ async def cohere_rerank(body: CohereRerankRequest, request: Request) -> Response
     )
 
 
-@router.get("/health", summary="The process is alive.")
+@router.get(
+    "/health",
+    response_model=HealthResponse,
+    responses=error_responses(ErrorType.INTERNAL),
+    summary="The process is alive.",
+)
 async def health() -> Response:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/ready", summary="200 once the model is loaded, warm and working.")
+@router.get(
+    "/ready",
+    response_model=ReadyResponse,
+    responses={503: {"model": ReadyResponse, "description": "not ready, and why"}}
+    | error_responses(ErrorType.INTERNAL),
+    summary="200 once the model is loaded, warm and working.",
+)
 async def ready(request: Request) -> Response:
     reason = _service(request).readiness()
     if reason is None:
@@ -143,7 +181,13 @@ async def ready(request: Request) -> Response:
     return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
 
 
-@router.get("/metrics", summary="Prometheus metrics.")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}
+    | error_responses(ErrorType.UNAUTHORIZED, ErrorType.INTERNAL),
+    summary="Prometheus metrics.",
+)
 async def metrics(request: Request) -> Response:
     registry = _service(request).metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -15,14 +15,21 @@ from pydantic import (
     StrictStr,
 )
 
+from crossrank.errors import STATUS, ErrorType
 
-def _not_blank(value: str) -> str:
+
+def _text(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be empty or only whitespace")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON's \ud800-style escapes can spell a lone surrogate, which no tokenizer takes.
+        raise ValueError("holds a lone surrogate escape: not Unicode text") from None
     return value
 
 
-Text = Annotated[StrictStr, AfterValidator(_not_blank)]
+Text = Annotated[StrictStr, AfterValidator(_text)]
 
 
 def _document_text(value: object) -> object:
@@ -103,3 +110,36 @@ class CohereResponse(BaseModel):
     meta: dict
     model: str
     usage: dict
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready", "not ready"]
+    reason: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    type: ErrorType
+    message: str
+    field: str | None = Field(default=None, description="The request field at fault.")
+    id: str = Field(description="The request's id, as in its X-Request-ID header and logs.")
+
+
+class ErrorBody(BaseModel):
+    """The one error body of every failure."""
+
+    error: ErrorDetail
+
+
+def error_responses(*types: ErrorType) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` of a route that can fail with ``types``, by status."""
+    by_status: dict[int, list[str]] = {}
+    for error_type in types:
+        by_status.setdefault(STATUS[error_type], []).append(error_type.value)
+    return {
+        status: {"model": ErrorBody, "description": ", ".join(names)}
+        for status, names in sorted(by_status.items())
+    }

@@ -1,0 +1,82 @@
+"""Fuzzing every route of the live OpenAPI with schemathesis: valid and invalid inputs drawn
+from the schema itself; no 5xx, and every answer (the error bodies included) conforms to the
+status codes, content types and schemas the OpenAPI documents."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from live_server import RunningServer
+from schemathesis import Case, GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.schemas import BaseSchema
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+pytestmark = pytest.mark.slow
+
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    negative_data_rejection,
+]
+EXAMPLES = 60  # per route and mode
+# Routes with inputs are fuzzed with data that fits the schema and data that does not.
+RUNS = [
+    ("POST", "/rerank", GenerationMode.POSITIVE),
+    ("POST", "/rerank", GenerationMode.NEGATIVE),
+    ("POST", "/v1/rerank", GenerationMode.POSITIVE),
+    ("POST", "/v1/rerank", GenerationMode.NEGATIVE),
+    ("GET", "/health", GenerationMode.POSITIVE),
+    ("GET", "/ready", GenerationMode.POSITIVE),
+    ("GET", "/metrics", GenerationMode.POSITIVE),
+]
+
+cases: Counter[str] = Counter()
+
+
+@pytest.fixture(scope="module")
+def live_schema(server: RunningServer) -> BaseSchema:
+    server.wait_ready()
+    return schemathesis.openapi.from_url(server.url + "/openapi.json")
+
+
+@pytest.mark.parametrize(("method", "path", "mode"), RUNS)
+def test_every_route_conforms_and_never_fails(
+    live_schema: BaseSchema, server: RunningServer, method: str, path: str, mode: GenerationMode
+) -> None:
+    operation = live_schema[path][method]
+
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=True,  # the same cases on every run: a failure reproduces
+        database=None,
+    )
+    def fuzz(case: Case) -> None:
+        cases[f"{method} {path}"] += 1
+        case.call_and_validate(base_url=server.url, checks=CHECKS)
+
+    fuzz()
+
+
+def test_fuzzing_covered_every_route_with_a_few_hundred_cases(server: RunningServer) -> None:
+    # Runs after the fuzzing above (pytest keeps a module's order).
+    print(f"\nfuzzing: {sum(cases.values())} cases: {dict(cases)}")
+    assert set(cases) == {f"{method} {path}" for method, path, _ in RUNS}
+    assert sum(cases.values()) >= 200
+    with server.client() as c:
+        assert c.get("/ready").status_code == 200
