@@ -73,8 +73,8 @@ def test_ready_only_after_warm_up_and_metrics_present_from_start(model_dir: Mode
         )
         assert 'crossrank_dropped_pairs_total{reason="deadline"} 0.0' in text
         assert (
-            'model_info{name="tiny-test-bert",provider="CPUExecutionProvider",variant="fp32"}'
-            in text
+            'model_info{name="tiny-test-bert",provider="CPUExecutionProvider",variant="fp32",'
+            'variant_choice="only candidate"}' in text
         )
         srv.engine.gate.set()
         srv.wait_ready()

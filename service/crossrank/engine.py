@@ -101,7 +101,10 @@ def plan_session(
 
 
 class OnnxEngine:
-    def __init__(self, model_file: Path, plan: SessionPlan) -> None:
+    def __init__(self, model_file: Path | bytes, plan: SessionPlan) -> None:
+        # bytes: a graph built at start-up (crossrank.fp32_rebuild), which has no file name.
+        source = str(model_file) if isinstance(model_file, Path) else model_file
+        label = model_file.name if isinstance(model_file, Path) else "the graph built in memory"
         options = ort.SessionOptions()
         for name, value in plan.options.items():
             setattr(options, name, value)
@@ -112,7 +115,7 @@ class OnnxEngine:
         names = [name for name, _ in plan.providers]
         provider_options = [opts for _, opts in plan.providers]
         self._session = ort.InferenceSession(
-            str(model_file),
+            source,
             sess_options=options,
             providers=names,
             provider_options=provider_options,
@@ -128,13 +131,13 @@ class OnnxEngine:
         inputs = {i.name for i in self._session.get_inputs()}
         missing = {"input_ids", "attention_mask"} - inputs
         if missing:
-            raise EngineConfigError(f"{model_file} lacks the inputs {sorted(missing)}")
+            raise EngineConfigError(f"{label} lacks the inputs {sorted(missing)}")
         extra = inputs - {"input_ids", "attention_mask", "token_type_ids"}
         if extra:
-            raise EngineConfigError(f"{model_file} has inputs crossrank does not know: {extra}")
+            raise EngineConfigError(f"{label} has inputs crossrank does not know: {extra}")
         self.uses_token_type_ids = "token_type_ids" in inputs
         self._output = self._session.get_outputs()[0].name
-        log.info("engine: %s on %s, %d threads", model_file.name, active, plan.intra_op_threads)
+        log.info("engine: %s on %s, %d threads", label, active, plan.intra_op_threads)
 
     def _feeds(self, batch: PaddedBatch) -> dict[str, np.ndarray]:
         feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}

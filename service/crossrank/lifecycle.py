@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from crossrank.batcher import Batcher
 from crossrank.collate import PaddedBatch, pad_pairs
-from crossrank.engine import Engine, OnnxEngine, SessionPlan, plan_session
+from crossrank.engine import OnnxEngine, plan_session
 from crossrank.errors import ErrorType, ServiceError
 from crossrank.metrics import Metrics
 from crossrank.model_dir import ModelDir, load_model_dir
@@ -20,10 +18,9 @@ from crossrank.reranker import Reranker
 from crossrank.scheduling import AUTO_BATCH_TOKENS, BatchLimits
 from crossrank.settings import Settings
 from crossrank.tokenization import EncodedPair, load_pair_encoder
+from crossrank.variant_choice import EngineFactory, load_variant, read_cpu_flags
 
 log = logging.getLogger(__name__)
-
-EngineFactory = Callable[[Path, SessionPlan], Engine]
 
 
 def warmup_batches(
@@ -75,12 +72,16 @@ class Service:
             cuda_device_id=s.cuda_device_id,
             cuda_mem_limit_mb=s.cuda_mem_limit_mb,
         )
-        variant = model.choose_variant(s.variant, plan.device)
-        engine = await asyncio.to_thread(self._engine_factory, model.variant_path(variant), plan)
         meta = model.metadata
         tokenizer = load_pair_encoder(model)
         probe = tokenizer.encode("warm up", ["the engine answers"]).pairs
         batch_tokens = s.max_batch_tokens or AUTO_BATCH_TOKENS[plan.device]
+        batches = warmup_batches(probe[0], meta.max_length, batch_tokens, s.max_batch_pairs)
+        # variant auto on a CPU times the candidates on a warm-up batch (crossrank.variant_choice).
+        choice, engine = await asyncio.to_thread(
+            load_variant, model, s.variant, plan, self._engine_factory, batches, read_cpu_flags()
+        )
+        variant = choice.variant
         self.batcher = Batcher(
             engine,
             BatchLimits(
@@ -106,10 +107,21 @@ class Service:
         )
         self.model = model
         self.metrics.model.info(
-            {"name": meta.name, "variant": variant, "provider": engine.provider}
+            {
+                "name": meta.name,
+                "variant": variant,
+                "variant_choice": choice.basis,
+                "provider": engine.provider,
+            }
         )
-        log.info("model %s (%s) loaded from %s", meta.name, variant, model.path)
-        batches = warmup_batches(probe[0], meta.max_length, batch_tokens, s.max_batch_pairs)
+        log.info(
+            "model %s (%s, by %s: %s) loaded from %s",
+            meta.name,
+            variant,
+            choice.basis,
+            choice.detail,
+            model.path,
+        )
         self._warmup = asyncio.get_running_loop().create_task(self._warm_up(batches))
 
     async def _warm_up(self, batches: list[PaddedBatch]) -> None:
