@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,26 @@ def test_gpu_image_pins_the_locked_onnxruntime_release() -> None:
     assert lock["onnxruntime"] == gpu_arg[1] == make_var[1]
     assert "torch" not in lock, "the serving images must not carry torch"
     assert {"fastapi", "uvicorn", "tokenizers", "prometheus_client"} <= set(lock)
+
+
+def normalised(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_lock_holds_every_serving_dependency() -> None:
+    """The images install the lock, then crossrank with --no-deps: a dependency that pyproject
+    gains and the lock lacks would be missing from the image (`make lock` rewrites it)."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    wanted = {
+        normalised(re.match(r"[A-Za-z0-9_.-]+", dep)[0])
+        for dep in pyproject["project"]["dependencies"]
+    }
+    locked = {
+        normalised(line.split("==")[0]) for line in LOCK.read_text().splitlines() if "==" in line
+    }
+    assert wanted <= locked, f"not in {LOCK.name}: {wanted - locked} (run make lock)"
+    # uvicorn[standard]'s extras are what make it fast (uvloop, httptools).
+    assert {"uvloop", "httptools"} <= locked
 
 
 def compose_config(*files: Path) -> dict:
