@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -19,7 +20,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from crossrank.model_dir import METADATA_FILE, TOKENIZER_FILE, Activation, ModelDir, load_model_dir
 from crossrank.tokenization import EncodedPair, PromptTokenizer, load_pair_encoder
 from crossrank_train.cli import main
-from crossrank_train.export import PARITY_TOLERANCE
+from crossrank_train.export import PARITY_TOLERANCE, quantize_int8, vector_matmuls
 from crossrank_train.groups import write_groups
 
 WINDOW = 512
@@ -57,9 +58,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"groups": root / "groups.jsonl", "prompt": root / "prompt.json"}
 
 
-def export(checkpoint: Path, out: Path, files: dict[str, Path], *extra: str) -> int:
+def export(
+    checkpoint: Path, out: Path, files: dict[str, Path], *extra: str, variants: str = "fp32"
+) -> int:
     args = ["export", "--model", str(checkpoint), "--out", str(out), "--name", "tiny-qwen3"]
-    return main([*args, "--variants", "fp32", "--sample", str(files["groups"]), *extra])
+    return main([*args, "--variants", *variants.split(), "--sample", str(files["groups"]), *extra])
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +70,8 @@ def llm_model_dir(
     llm_checkpoint: Path, files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> ModelDir:
     out = tmp_path_factory.mktemp("llm-export") / "model"
-    assert export(llm_checkpoint, out, files, "--prompt", str(files["prompt"])) == 0
+    prompt = ["--prompt", str(files["prompt"])]
+    assert export(llm_checkpoint, out, files, *prompt, variants="fp32 fp16") == 0
     return load_model_dir(out)
 
 
@@ -111,6 +115,24 @@ def test_the_export_records_the_template_and_the_yes_no_head(llm_model_dir: Mode
     assert max(report["parity_max_abs_logit_delta"].values()) <= PARITY_TOLERANCE
     assert report["optimizer"]["optimizer_model_type"] == "qwen3"
     assert report["fused_operators"].get("SkipSimplifiedLayerNormalization")
+    # The GPU variant passed its agreement gate against fp32 on the sample.
+    assert set(meta.variants) == {"fp32", "fp16"} and "fp16" in report["agreement"]
+
+
+def test_int8_keeps_the_yes_no_product_in_fp32(llm_model_dir: ModelDir, tmp_path: Path) -> None:
+    fp32 = llm_model_dir.variant_path("fp32")
+    kept = vector_matmuls(onnx.load(str(fp32)).graph)
+    assert len(kept) == 1  # hidden state . (w_yes - w_no)
+    quantize_int8(fp32, tmp_path / "int8.onnx", kept)
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    ops = {node.name: node.op_type for node in graph.node}
+    assert ops[kept[0]] == "MatMul"
+    assert any(op in ("MatMulInteger", "DynamicQuantizeMatMul") for op in ops.values())
+    case = CASES[0]
+    pairs = load_pair_encoder(llm_model_dir).encode(case.query, case.passages).pairs
+    session = ort.InferenceSession(str(tmp_path / "int8.onnx"), providers=["CPUExecutionProvider"])
+    scores = session.run(None, padded(pairs, left=False))[0]
+    assert scores.shape == (len(pairs),) and np.all(np.isfinite(scores))
 
 
 def test_left_and_right_padding_give_the_torch_scores(

@@ -208,6 +208,13 @@ def head_nodes(graph: onnx.GraphProto) -> list[str]:
     return [node.name for node in graph.node if node.name not in encoder]
 
 
+def vector_matmuls(graph: onnx.GraphProto) -> list[str]:
+    """MatMuls by a weight vector (an LLM reranker's yes - no direction): per-channel int8 has
+    no channels to scale there, and the one product that makes the score stays exact."""
+    vectors = {t.name for t in graph.initializer if len(t.dims) == 1}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and vectors & set(n.input)]
+
+
 def convert_fp16(fp32: Path, target: Path) -> None:
     # keep_io_types: the service feeds int64 ids and reads fp32 logits whatever the variant.
     # The head stays fp32: it is a sliver of the FLOPs, and in fp16 the similarities a scale of
@@ -333,7 +340,8 @@ def export_model_dir(
             delta = check_parity(model, out / FP32_FILE, feeds, head=head)
             report["parity_max_abs_logit_delta"]["fused"] = delta
     if "int8" in variants:
-        quantize_int8(out / FP32_FILE, out / VARIANT_FILES["int8"])
+        graph = onnx.load(str(out / FP32_FILE)).graph
+        quantize_int8(out / FP32_FILE, out / VARIANT_FILES["int8"], vector_matmuls(graph))
     if "fp16" in variants:
         convert_fp16(out / FP32_FILE, out / VARIANT_FILES["fp16"])
     if sample:
