@@ -14,6 +14,7 @@ from crossrank.errors import ErrorType, ServiceError
 from crossrank.metrics import Metrics
 from crossrank.scheduling import BatchLimits
 from crossrank.tokenization import EncodedPair
+from crossrank.watchdog import WatchdogLimits
 
 POISON = 666
 
@@ -62,6 +63,11 @@ def make(engine: ScriptedEngine, metrics: Metrics | None = None, **kw) -> Batche
         length_sorting=kw.pop("length_sorting", True),
         metrics=metrics or Metrics(),
         probe=[pair(4)],
+        watchdog=WatchdogLimits(
+            multiple=kw.pop("watchdog_multiple", 20.0),
+            floor_s=kw.pop("watchdog_floor_s", 60.0),
+            liveness_s=kw.pop("watchdog_liveness_s", 120.0),
+        ),
     )
 
 
@@ -398,6 +404,43 @@ def test_a_batching_bug_fails_the_queued_requests_instead_of_hanging_them() -> N
             await batcher.wait(admit(batcher, [pair(5)], 5.0))
         assert failed.value.type is ErrorType.INTERNAL
         # The loop survived: the next request is served.
+        assert len(await batcher.wait(admit(batcher, [pair(5)], 5.0))) == 1
+        await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_a_hung_batch_stalls_the_engine_and_fails_the_queue_at_once() -> None:
+    async def main() -> None:
+        engine = ScriptedEngine()
+        metrics = Metrics()
+        batcher = make(engine, metrics, max_batch_pairs=2, watchdog_floor_s=0.2)
+        batcher.start()
+        await batcher.wait(admit(batcher, [pair(5)], 5.0))  # measures the engine's speed
+        engine.gate.clear()  # the engine hangs
+        started_at = asyncio.get_running_loop().time()
+        hung = asyncio.ensure_future(batcher.wait(admit(batcher, [pair(5)] * 4, 30.0)))
+        await started(engine)
+        queued = asyncio.ensure_future(batcher.wait(admit(batcher, [pair(6)], 30.0)))
+        for waiter in (hung, queued):
+            with pytest.raises(ServiceError) as failed:
+                await waiter
+            assert failed.value.type is ErrorType.ENGINE_STALLED
+        # At the watchdog's bound, not at the requests' 30 s deadline.
+        assert asyncio.get_running_loop().time() - started_at < 5.0
+        assert batcher.stalled_since is not None
+        assert batcher.stuck_for(batcher._clock()) >= 0.2
+        with pytest.raises(ServiceError) as refused:
+            batcher.reserve(1)
+        assert refused.value.type is ErrorType.ENGINE_STALLED
+        assert sample(metrics, "crossrank_engine_stalls_total") == 1
+        assert sample(metrics, "crossrank_dropped_pairs_total", reason="stalled") == 3
+        assert batcher.reserved_pairs == 2  # the hung batch's pairs, still in the engine
+        engine.gate.set()  # it comes back: the engine serves again
+        while batcher.stalled_since is not None:
+            await asyncio.sleep(0.01)
+        assert batcher.reserved_pairs == 0
+        assert batcher.stuck_for(batcher._clock()) == 0
         assert len(await batcher.wait(admit(batcher, [pair(5)], 5.0))) == 1
         await batcher.close()
 

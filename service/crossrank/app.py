@@ -30,6 +30,7 @@ REJECT_REASON = {
     ErrorType.QUEUE_FULL: "queue_full",
     ErrorType.NOT_READY: "not_ready",
     ErrorType.SHUTTING_DOWN: "shutting_down",
+    ErrorType.ENGINE_STALLED: "engine_stalled",
     ErrorType.INVALID_REQUEST: "invalid",
     ErrorType.BODY_TOO_LARGE: "too_large",
 }

@@ -16,7 +16,9 @@ Stages, as in TEI's queue/infer split:
 
 A request whose deadline passes or whose client disconnects is abandoned: its queued pairs are
 dropped before inference and counted. If the engine raises, only the requests in that batch fail;
-a one-pair probe then tells whether the engine itself is broken (``healthy``).
+a one-pair probe then tells whether the engine itself is broken (``healthy``). If a batch does not
+come back at all, the watchdog (:mod:`crossrank.watchdog`) marks the engine stalled: the loop
+fails every queued request with 503 and admission refuses new ones until the batch returns.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from crossrank.errors import ErrorType, ServiceError
 from crossrank.metrics import Metrics
 from crossrank.scheduling import BatchLimits, BatchPlan, RequestView, dispatch_delay, plan_batch
 from crossrank.tokenization import EncodedPair
+from crossrank.watchdog import WatchdogLimits, expected_seconds, stall_deadline, updated_speed
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +115,7 @@ class Batcher:
         length_sorting: bool,
         metrics: Metrics,
         probe: Sequence[EncodedPair],
+        watchdog: WatchdogLimits,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._engine = engine
@@ -134,6 +138,11 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crossrank-engine")
         self._task: asyncio.Task[None] | None = None
         self.healthy = True
+        self._watchdog = watchdog
+        self._seconds_per_token: float | None = None  # the engine's measured speed
+        self._inflight_since: float | None = None  # when the batch in the engine was sent
+        self._inflight_deadline = float("inf")  # when it counts as stalled
+        self.stalled_since: float | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -169,6 +178,8 @@ class Batcher:
         is done for the request, so that a refusal costs nothing."""
         if self._draining:
             raise ServiceError(ErrorType.SHUTTING_DOWN, "the service is shutting down")
+        if self.stalled_since is not None:
+            raise self._stalled_error()
         if self._reserved + pairs > self._max_queued:
             raise ServiceError(
                 ErrorType.QUEUE_FULL,
@@ -291,11 +302,17 @@ class Batcher:
         while True:
             self._wake.clear()
             now = self._clock()
+            if self._inflight is not None and now >= self._inflight_deadline:
+                self._stall(now)
             if prepared is None or prepared.version != self._version:
                 prepared = self._prepare(now)
             if self._inflight is not None or prepared is None:
-                # Engine busy (the next batch is ready beside it) or nothing to do.
-                await self._wake.wait()
+                # Engine busy (the next batch is ready beside it) or nothing to do; wake for
+                # the watchdog too, while the batch in the engine is not yet overdue.
+                watch = self._inflight_deadline - now if self.stalled_since is None else None
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(watch):
+                        await self._wake.wait()
                 continue
             delay = dispatch_delay(prepared.plan, now, self._limits.max_wait_s)
             if delay:
@@ -328,6 +345,9 @@ class Batcher:
         m.batch_pairs.observe(batch.pairs)
         m.batch_padded_tokens.observe(batch.padded_tokens)
         m.padding_efficiency.observe(batch.real_tokens / batch.padded_tokens)
+        self._inflight_since = now
+        expected = expected_seconds(self._seconds_per_token, batch.padded_tokens)
+        self._inflight_deadline = stall_deadline(now, expected, self._watchdog)
         self._inflight = asyncio.get_running_loop().create_task(self._infer(prepared))
         self._changed()
 
@@ -335,9 +355,13 @@ class Batcher:
 
     async def _run_engine(self, batch: PaddedBatch) -> np.ndarray:
         loop = asyncio.get_running_loop()
+        started = self._clock()
         logits = await loop.run_in_executor(self._executor, self._engine.run, batch)
         if logits.shape != (batch.pairs,):
             raise RuntimeError(f"engine returned shape {logits.shape} for {batch.pairs} pairs")
+        self._seconds_per_token = updated_speed(
+            self._seconds_per_token, self._clock() - started, batch.padded_tokens
+        )
         return logits
 
     async def _infer(self, prepared: _Prepared) -> None:
@@ -367,6 +391,11 @@ class Batcher:
         finally:
             # Completion alone leaves the queue as it was: the batch prepared meanwhile stands.
             self._inflight = None
+            self._inflight_since = None
+            self._inflight_deadline = float("inf")
+            if self.stalled_since is not None:
+                log.warning("the stalled batch came back: admitting requests again")
+                self.stalled_since = None
             self._notify()
 
     def _scatter(self, prepared: _Prepared, logits: np.ndarray) -> None:
@@ -399,6 +428,38 @@ class Batcher:
             self._set_healthy(False)
         else:
             self._set_healthy(True)
+
+    # -- watchdog ----------------------------------------------------------------------------
+
+    def _stalled_error(self) -> ServiceError:
+        return ServiceError(
+            ErrorType.ENGINE_STALLED,
+            "the model has not answered a batch within its time bound: retry on another replica",
+        )
+
+    def _stall(self, now: float) -> None:
+        """The batch in the engine is overdue: fail everything queued rather than let it wait
+        to its deadline, and refuse new requests until the batch comes back."""
+        if self.stalled_since is not None or self._inflight_since is None:
+            return
+        self.stalled_since = now
+        log.error(
+            "engine stalled: a batch has run %.1f s, over its bound of %.1f s",
+            now - self._inflight_since,
+            self._inflight_deadline - self._inflight_since,
+        )
+        self._metrics.engine_stalls.inc()
+        self._metrics.engine_healthy.set(0)
+        error = self._stalled_error()
+        for request in list(self._requests.values()):
+            self._forget(request, "stalled", error)
+        self._changed()
+
+    def stuck_for(self, now: float) -> float:
+        """Seconds the batch in the engine has run, once it counts as stalled (else 0)."""
+        if self.stalled_since is None or self._inflight_since is None:
+            return 0.0
+        return now - self._inflight_since
 
     def _set_healthy(self, healthy: bool) -> None:
         self.healthy = healthy

@@ -25,6 +25,7 @@ class ErrorType(StrEnum):
     SHUTTING_DOWN = "shutting_down"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     ENGINE_FAILURE = "engine_failure"
+    ENGINE_STALLED = "engine_stalled"
     INTERNAL = "internal"
 
 
@@ -39,11 +40,19 @@ STATUS: dict[ErrorType, int] = {
     ErrorType.SHUTTING_DOWN: 503,
     ErrorType.DEADLINE_EXCEEDED: 504,
     ErrorType.ENGINE_FAILURE: 500,
+    ErrorType.ENGINE_STALLED: 503,
     ErrorType.INTERNAL: 500,
 }
 
 # Types a client should retry after a pause: they get a Retry-After header.
-RETRYABLE = frozenset({ErrorType.QUEUE_FULL, ErrorType.NOT_READY, ErrorType.SHUTTING_DOWN})
+RETRYABLE = frozenset(
+    {
+        ErrorType.QUEUE_FULL,
+        ErrorType.NOT_READY,
+        ErrorType.SHUTTING_DOWN,
+        ErrorType.ENGINE_STALLED,
+    }
+)
 
 
 class ServiceError(Exception):

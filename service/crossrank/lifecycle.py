@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -19,6 +20,7 @@ from crossrank.scheduling import AUTO_BATCH_TOKENS, BatchLimits
 from crossrank.settings import Settings
 from crossrank.tokenization import EncodedPair, load_pair_encoder
 from crossrank.variant_choice import EngineFactory, load_variant, read_cpu_flags
+from crossrank.watchdog import WatchdogLimits
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,11 @@ class Service:
             length_sorting=s.length_sorting,
             metrics=self.metrics,
             probe=probe,
+            watchdog=WatchdogLimits(
+                multiple=s.watchdog_multiple,
+                floor_s=s.watchdog_floor_s,
+                liveness_s=s.watchdog_liveness_s,
+            ),
         )
         self.batcher.start()
         self.metrics.queue_capacity.set(s.max_queued_pairs)
@@ -157,8 +164,19 @@ class Service:
             return "shutting down"
         if not self.ready:
             return "warming up" if self._warmup and not self._warmup.done() else "warm-up failed"
+        if self.batcher is not None and self.batcher.stalled_since is not None:
+            return "engine stalled"
         if self.batcher is not None and not self.batcher.healthy:
             return "engine failing"
+        return None
+
+    def liveness(self) -> str | None:
+        """Why the process should be restarted, or None while it is fine."""
+        if self.batcher is None:
+            return None
+        stuck = self.batcher.stuck_for(time.monotonic())
+        if stuck > self.settings.watchdog_liveness_s:
+            return f"engine stuck: a batch has run {stuck:.0f} s"
         return None
 
     def require_ready(self) -> Reranker:

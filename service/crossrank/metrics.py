@@ -45,8 +45,15 @@ RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 ENDPOINTS = ("/rerank", "/v1/rerank")
 STATUSES = ("200", "400", "401", "413", "422", "500", "503", "504")
-DROP_REASONS = ("deadline", "disconnected", "failed")
-REJECT_REASONS = ("queue_full", "not_ready", "shutting_down", "invalid", "too_large")
+DROP_REASONS = ("deadline", "disconnected", "failed", "stalled")
+REJECT_REASONS = (
+    "queue_full",
+    "not_ready",
+    "shutting_down",
+    "engine_stalled",
+    "invalid",
+    "too_large",
+)
 AUTH_FAILURE_REASONS = ("missing", "malformed", "wrong_key")
 
 
@@ -137,6 +144,11 @@ class Metrics:
         )
         self.engine_failures = Counter(
             "crossrank_engine_failures", "Batches whose inference raised.", registry=r
+        )
+        self.engine_stalls = Counter(
+            "crossrank_engine_stalls",
+            "Batches the watchdog found overdue (the engine hung; see watchdog_* settings).",
+            registry=r,
         )
         self.engine_healthy = Gauge(
             "crossrank_engine_healthy", "1 when the engine is loaded, warm and working.", registry=r

@@ -42,6 +42,7 @@ RERANK_ERRORS = error_responses(
     ErrorType.QUEUE_FULL,
     ErrorType.NOT_READY,
     ErrorType.SHUTTING_DOWN,
+    ErrorType.ENGINE_STALLED,
     ErrorType.DEADLINE_EXCEEDED,
 )
 
@@ -160,11 +161,15 @@ async def cohere_rerank(body: CohereRerankRequest, request: Request) -> Response
 @router.get(
     "/health",
     response_model=HealthResponse,
-    responses=error_responses(ErrorType.INTERNAL),
-    summary="The process is alive.",
+    responses={503: {"model": HealthResponse, "description": "the engine is stuck: restart"}}
+    | error_responses(ErrorType.INTERNAL),
+    summary="The process is alive (503 once the engine has been stuck past watchdog_liveness_s).",
 )
-async def health() -> Response:
-    return JSONResponse({"status": "ok"})
+async def health(request: Request) -> Response:
+    reason = _service(request).liveness()
+    if reason is None:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "stuck", "reason": reason}, status_code=503)
 
 
 @router.get(

@@ -113,7 +113,8 @@ class CohereResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok", "stuck"]
+    reason: str | None = None
 
 
 class ReadyResponse(BaseModel):

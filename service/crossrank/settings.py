@@ -56,6 +56,22 @@ class Settings(BaseSettings):
     )
     retry_after_s: int = Field(default=1, ge=1)
 
+    # Watchdog (a hung engine).
+    watchdog_multiple: float = Field(
+        default=20.0,
+        gt=1,
+        description="A batch is stalled after this many times its expected time: /ready 503, "
+        "queued requests 503.",
+    )
+    watchdog_floor_s: float = Field(
+        default=10.0, gt=0, description="A batch is never stalled before this many seconds."
+    )
+    watchdog_liveness_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="/health fails once a batch has run this long (Kubernetes restarts the pod).",
+    )
+
     # Logs.
     log_format: Literal["text", "json"] = Field(
         default="text", description="text, or json: one JSON object per line."
@@ -90,6 +106,11 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.api_keys_file is not None and not self.api_keys_file.is_file():
             raise ValueError(f"api_keys_file {self.api_keys_file} is not a readable file")
+        if self.watchdog_liveness_s <= self.watchdog_floor_s:
+            raise ValueError(
+                f"watchdog_liveness_s ({self.watchdog_liveness_s}) must exceed watchdog_floor_s "
+                f"({self.watchdog_floor_s}): /health fails only after /ready has"
+            )
         if self.max_passages > self.max_queued_pairs:
             raise ValueError(
                 f"max_passages ({self.max_passages}) must not exceed max_queued_pairs "
