@@ -22,13 +22,13 @@ from crossrank_train.cli import main
 from crossrank_train.export import PARITY_TOLERANCE
 from crossrank_train.groups import write_groups
 
-CASES = graded_cases(3, 8, seed=11)
+CASES = graded_cases(2, 8, seed=11)
 
 
 @pytest.fixture(scope="module")
 def sample_groups(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("sample") / "groups.jsonl"
-    write_groups(path, graded_groups(6, 3, seed=5, levels=GRADED_LEVELS))
+    write_groups(path, graded_groups(3, 3, seed=5, levels=GRADED_LEVELS))
     return path
 
 

@@ -53,7 +53,7 @@ def llm_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("llm-files")
-    write_groups(root / "groups.jsonl", graded_groups(4, 3, seed=5, levels=GRADED_LEVELS))
+    write_groups(root / "groups.jsonl", graded_groups(3, 3, seed=5, levels=GRADED_LEVELS))
     (root / "prompt.json").write_text(json.dumps(QWEN3_RERANKER_PROMPT))
     return {"groups": root / "groups.jsonl", "prompt": root / "prompt.json"}
 
