@@ -17,6 +17,7 @@ from crossrank.model_dir import Activation
 from crossrank.request_context import current
 from crossrank.tokenization import (
     EncodedRequest,
+    InstructionError,
     PairTokenizer,
     PassageTooLongError,
     QueryTooLongError,
@@ -66,13 +67,20 @@ class Reranker:
         self._pool.shutdown(wait=True)
 
     async def _encode(
-        self, query: str, passages: list[str], truncate: bool, passages_field: str
+        self,
+        query: str,
+        passages: list[str],
+        truncate: bool,
+        passages_field: str,
+        instruction: str | None = None,
     ) -> EncodedRequest:
         started = time.monotonic()
         try:
             encoded = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._tokenizer.encode, query, passages, truncate
+                self._pool, self._tokenizer.encode, query, passages, truncate, instruction
             )
+        except InstructionError as exc:
+            raise invalid(str(exc), "instruction") from None
         except QueryTooLongError as exc:
             raise invalid(
                 f"query has {exc.tokens} tokens, over the model's budget of {exc.budget}; "
@@ -98,6 +106,7 @@ class Reranker:
         truncate: bool,
         timeout_ms: int | None,
         passages_field: str,
+        instruction: str | None = None,
     ) -> Ranked:
         arrived = time.monotonic()
         if len(passages) > self._max_passages:
@@ -108,7 +117,7 @@ class Reranker:
         # Admission before any work: a refusal costs no tokenisation.
         reservation = self._batcher.reserve(len(passages))
         try:
-            encoded = await self._encode(query, passages, truncate, passages_field)
+            encoded = await self._encode(query, passages, truncate, passages_field, instruction)
             timeout_s = (timeout_ms or self._default_timeout_ms) / 1000
             remaining = timeout_s - (time.monotonic() - arrived)
             if remaining <= 0:

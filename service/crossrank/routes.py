@@ -89,6 +89,7 @@ async def rerank(body: RerankRequest, request: Request) -> Response:
             truncate=body.truncate,
             timeout_ms=body.timeout_ms,
             passages_field="passages",
+            instruction=body.instruction,
         ),
     )
     if ranked is None:

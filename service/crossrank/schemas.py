@@ -61,6 +61,11 @@ class RerankRequest(BaseModel):
         le=3_600_000,
         description="Deadline from arrival, at most an hour; past it the answer is a 504.",
     )
+    instruction: Text | None = Field(
+        default=None,
+        description="An LLM reranker's instruction in place of its default (a 422 for a model "
+        "whose prompt has none).",
+    )
 
 
 class RerankResult(BaseModel):
