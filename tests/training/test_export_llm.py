@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from live_server import run_server
+from live_server import RunningServer, run_server
 from tiny_tokenizers import QWEN3_RERANKER_PROMPT, qwen
 from toy_data import GRADED_LEVELS, graded_cases, graded_groups
 from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -170,6 +170,34 @@ def test_served_over_http_as_torch_scores(llm_model_dir: ModelDir, llm_checkpoin
                 want = torch_yes_no(llm_checkpoint, encoder.encode(case.query, case.passages).pairs)
                 assert np.max(np.abs(got - want)) <= PARITY_TOLERANCE
                 assert np.argsort(-got).tolist() == np.argsort(-want).tolist()
+
+
+def test_a_request_replaces_the_instruction(
+    llm_model_dir: ModelDir, llm_checkpoint: Path, server: RunningServer
+) -> None:
+    encoder = load_pair_encoder(llm_model_dir)
+    case = CASES[1]
+    own = "Find the passages that say relevant most often"
+    body = {"query": case.query, "passages": case.passages, "raw_scores": True}
+    with run_server(llm_model_dir, max_wait_ms=5) as llm:
+        llm.wait_ready()
+        with llm.client() as client:
+            r = client.post("/rerank", json={**body, "instruction": own})
+            default = client.post("/rerank", json=body)
+    assert r.status_code == 200, r.text
+    got = np.empty(len(case.passages))
+    for result in r.json()["results"]:
+        got[result["index"]] = result["score"]
+    pairs = encoder.encode(case.query, case.passages, instruction=own).pairs
+    want = torch_yes_no(llm_checkpoint, pairs)
+    assert np.max(np.abs(got - want)) <= PARITY_TOLERANCE
+    defaults = {x["index"]: x["score"] for x in default.json()["results"]}
+    assert not np.allclose(got, [defaults[i] for i in range(len(got))])
+    # The tests' tiny BERT has no prompt: an instruction is a 422 naming the field.
+    with server.client() as client:
+        r = client.post("/rerank", json={**body, "instruction": own})
+    assert r.status_code == 422
+    assert r.json()["error"]["field"] == "instruction"
 
 
 def test_refusals(
