@@ -43,9 +43,19 @@ def crossrank(
     )
 
 
-def st_api(checkpoint: Path, threads: int, device: str = "cpu") -> Server:
-    """sentence-transformers CrossEncoder.predict behind a minimal FastAPI endpoint."""
-    command = [sys.executable, "-m", "bench.peers.st_api", str(checkpoint), str(threads), device]
+def st_api(
+    checkpoint: Path,
+    threads: int,
+    device: str = "cpu",
+    backend: str = "torch",
+    file_name: str | None = None,
+    python: Path | None = None,
+) -> Server:
+    """sentence-transformers CrossEncoder.predict behind a minimal FastAPI endpoint; the onnx and
+    openvino backends run in the peers' venv (``python``: bench/peers/st_setup.sh)."""
+    command = [str(python or sys.executable), "-m", "bench.peers.st_api", str(checkpoint)]
+    command += [str(threads), device, "--backend", backend]
+    command += ["--file-name", file_name] if file_name else []
     return Server(
         "sentence-transformers + FastAPI",
         command,
@@ -55,8 +65,9 @@ def st_api(checkpoint: Path, threads: int, device: str = "cpu") -> Server:
     )
 
 
-def infinity(checkpoint: Path, threads: int, device: str = "cpu") -> Server:
-    """Infinity (infinity-emb, its own venv: bench/peers/infinity_setup.sh) on the checkpoint."""
+def infinity(checkpoint: Path, threads: int, device: str = "cpu", engine: str = "torch") -> Server:
+    """Infinity (infinity-emb, its own venv: bench/peers/infinity_setup.sh) on the checkpoint,
+    with its torch or its optimum (onnxruntime) engine."""
     command = ["bash", str(PEERS / "infinity_serve.sh"), str(checkpoint)]
     return Server(
         "Infinity",
@@ -69,5 +80,6 @@ def infinity(checkpoint: Path, threads: int, device: str = "cpu") -> Server:
             "OMP_NUM_THREADS": str(threads),
             "INFINITY_PEER_DEVICE": device,
             "INFINITY_PEER_DTYPE": "float16" if device == "cuda" else "float32",
+            "INFINITY_PEER_ENGINE": engine,
         },
     )

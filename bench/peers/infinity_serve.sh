@@ -38,7 +38,7 @@ if [[ "${INFINITY_PEER_WARMUP:-0}" == 1 ]]; then WARMUP=--model-warmup; else WAR
 exec "$VENV/bin/infinity_emb" v2 \
     --model-id "$MODEL_DIR" \
     --served-model-name "$(basename "$MODEL_DIR")" \
-    --engine torch \
+    --engine "${INFINITY_PEER_ENGINE:-torch}" \
     --device "${INFINITY_PEER_DEVICE:-cpu}" \
     --dtype "${INFINITY_PEER_DTYPE:-float32}" \
     --batch-size "${INFINITY_PEER_BATCH_SIZE:-32}" \

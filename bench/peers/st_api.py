@@ -2,13 +2,20 @@
 endpoint, one request at a time (no batching across requests), same request body as crossrank's
 ``/rerank``.
 
-    python -m bench.peers.st_api CHECKPOINT THREADS DEVICE PORT
+    python -m bench.peers.st_api CHECKPOINT THREADS DEVICE [--backend B] [--file-name F] PORT
+
+``--backend`` is sentence-transformers' own: ``torch`` (fp32), ``onnx`` (onnxruntime through
+optimum) or ``openvino`` (optimum-intel); ``--file-name`` picks one of the checkpoint's exports
+(``onnx/model_O3.onnx``, ``onnx/model_qint8_avx2.onnx`` ... written by
+``bench/peers/st_export.py``). The onnx and openvino backends need the peers' venv
+(``bench/peers/st_setup.sh``); every backend runs ``THREADS`` intra-op threads.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 import threading
+from typing import Any
 
 import torch
 import uvicorn
@@ -22,9 +29,32 @@ class RerankRequest(BaseModel):
     passages: list[str]
 
 
-def create_app(checkpoint: str, device: str) -> FastAPI:
-    model = CrossEncoder(checkpoint, device=device, local_files_only=True, max_length=256)
-    # One predict at a time: concurrent ones would each ask torch for every core.
+def backend_kwargs(backend: str, threads: int, file_name: str | None) -> dict[str, Any]:
+    """The ``model_kwargs`` that give each backend the same threads (and the chosen export)."""
+    kwargs: dict[str, Any] = {"file_name": file_name} if file_name else {}
+    if backend == "onnx":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        kwargs["session_options"] = options
+    elif backend == "openvino":
+        kwargs["ov_config"] = {"INFERENCE_NUM_THREADS": str(threads)}
+    return kwargs
+
+
+def create_app(
+    checkpoint: str, device: str, backend: str, threads: int, file_name: str | None
+) -> FastAPI:
+    model = CrossEncoder(
+        checkpoint,
+        device=device,
+        local_files_only=True,
+        max_length=256,
+        backend=backend,
+        model_kwargs=backend_kwargs(backend, threads, file_name),
+    )
+    # One predict at a time: concurrent ones would each ask for every core.
     lock = threading.Lock()
     app = FastAPI()
 
@@ -43,9 +73,17 @@ def create_app(checkpoint: str, device: str) -> FastAPI:
 
 
 def main() -> None:
-    checkpoint, threads, device, port = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-    torch.set_num_threads(threads)
-    uvicorn.run(create_app(checkpoint, device), host="127.0.0.1", port=port, log_level="warning")
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("checkpoint")
+    parser.add_argument("threads", type=int)
+    parser.add_argument("device")
+    parser.add_argument("--backend", choices=("torch", "onnx", "openvino"), default="torch")
+    parser.add_argument("--file-name", help="an export inside the checkpoint (onnx/openvino)")
+    parser.add_argument("port", type=int)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    app = create_app(args.checkpoint, args.device, args.backend, args.threads, args.file_name)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":
