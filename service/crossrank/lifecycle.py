@@ -57,6 +57,7 @@ class Service:
         self.batcher: Batcher | None = None
         self.ready = False
         self.draining = False
+        self._drain_deadline = float("inf")
         self._warmup: asyncio.Task[None] | None = None
 
     @property
@@ -144,7 +145,10 @@ class Service:
         log.info("warm-up done over %d length buckets: ready", len(batches))
 
     def begin_drain(self) -> None:
-        """SIGTERM: refuse new requests from now on; admitted ones are still answered."""
+        """SIGTERM: refuse new requests from now on; admitted ones are still answered, within
+        ``drain_grace_s`` from now."""
+        if not self.draining:
+            self._drain_deadline = time.monotonic() + self.settings.drain_grace_s
         self.draining = True
         if self.batcher is not None:
             self.batcher.begin_drain()
@@ -154,7 +158,17 @@ class Service:
         if self._warmup is not None:
             self._warmup.cancel()
         if self.batcher is not None:
-            await self.batcher.close()
+            try:
+                async with asyncio.timeout(self._drain_deadline - time.monotonic()):
+                    await self.batcher.close()
+            except TimeoutError:
+                # A hung engine or a longer queue than the grace allows: exit anyway, as the
+                # orchestrator would kill the process at the end of its own grace period.
+                log.error(
+                    "drain grace of %.0f s over with %d pairs unanswered: stopping",
+                    self.settings.drain_grace_s,
+                    self.batcher.reserved_pairs,
+                )
         if self.reranker is not None:
             self.reranker.close()
 

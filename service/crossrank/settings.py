@@ -56,6 +56,20 @@ class Settings(BaseSettings):
     )
     retry_after_s: int = Field(default=1, ge=1)
 
+    # Drain (SIGTERM).
+    drain_delay_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="After SIGTERM, keep the listener open this long, answering new requests "
+        "503 shutting_down (Kubernetes routes to a terminating pod for a few seconds).",
+    )
+    drain_grace_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="After SIGTERM, exit within this long (the delay included), answered or "
+        "not; keep it under the pod's terminationGracePeriodSeconds.",
+    )
+
     # Watchdog (a hung engine).
     watchdog_multiple: float = Field(
         default=20.0,
@@ -106,6 +120,11 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.api_keys_file is not None and not self.api_keys_file.is_file():
             raise ValueError(f"api_keys_file {self.api_keys_file} is not a readable file")
+        if self.drain_grace_s <= self.drain_delay_s:
+            raise ValueError(
+                f"drain_grace_s ({self.drain_grace_s}) must exceed drain_delay_s "
+                f"({self.drain_delay_s}): admitted requests need time to finish after it"
+            )
         if self.watchdog_liveness_s <= self.watchdog_floor_s:
             raise ValueError(
                 f"watchdog_liveness_s ({self.watchdog_liveness_s}) must exceed watchdog_floor_s "
