@@ -223,16 +223,20 @@ def test_startup_budget_outlasts_liveness_and_covers_minutes(
     assert startup > c["livenessProbe"]["periodSeconds"] * c["livenessProbe"]["failureThreshold"]
 
 
-def test_grace_period_covers_prestop_the_longest_deadline_and_the_exit(
+def test_grace_period_covers_prestop_the_drain_and_the_exit(
     overlay: tuple[str, Objects], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, objects = overlay
     pod = objects["Deployment"]["spec"]["template"]["spec"]
     prestop_s = container(objects)["lifecycle"]["preStop"]["sleep"]["seconds"]
-    # A request admitted just before SIGTERM may be answered as late as its deadline.
-    deadline_s = settings_of(objects, monkeypatch).default_timeout_ms / 1000
+    settings = settings_of(objects, monkeypatch)
+    # A request admitted just before SIGTERM may be answered as late as its deadline: the drain
+    # must wait that long, and the pod's grace period must cover the preStop and the drain.
+    assert settings.drain_grace_s >= settings.default_timeout_ms / 1000
     assert prestop_s >= 5, "endpoint removal needs time to reach the proxies"
-    assert pod["terminationGracePeriodSeconds"] >= prestop_s + deadline_s + DRAIN_MARGIN_S
+    assert (
+        pod["terminationGracePeriodSeconds"] >= prestop_s + settings.drain_grace_s + DRAIN_MARGIN_S
+    )
 
 
 def test_resources_cover_the_measured_rss_and_guarantee_qos(overlay: tuple[str, Objects]) -> None:
