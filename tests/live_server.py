@@ -12,13 +12,12 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import uvicorn
 
 from crossrank.app import create_app
 from crossrank.collate import PaddedBatch
 from crossrank.engine import OnnxEngine, SessionPlan
 from crossrank.model_dir import ModelDir
-from crossrank.server import DrainingServer
+from crossrank.server import DrainingServer, uvicorn_config
 from crossrank.settings import Settings
 
 
@@ -92,7 +91,7 @@ def run_server(
         return holder["engine"]
 
     app = create_app(settings, engine_factory=factory)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn_config(app, settings)
     server = DrainingServer(config, on_stop=app.state.service.begin_drain)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -38,6 +38,7 @@ REJECT_REASON = {
 HTTP_ERROR_TYPES = {
     404: ErrorType.NOT_FOUND,
     405: ErrorType.METHOD_NOT_ALLOWED,
+    408: ErrorType.REQUEST_TIMEOUT,
     413: ErrorType.BODY_TOO_LARGE,
 }
 
@@ -104,7 +105,12 @@ def create_app(settings: Settings, engine_factory: EngineFactory = OnnxEngine) -
             error_type = ErrorType.INVALID_REQUEST if exc.status_code < 500 else ErrorType.INTERNAL
         return respond(ServiceError(error_type, str(exc.detail)))
 
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        timeout_s=settings.body_timeout_s,
+        metrics=metrics,
+    )
     keys = settings.load_api_keys()
     if keys:
         # Probes stay open: a kubelet sends no key.

@@ -18,6 +18,7 @@ class ErrorType(StrEnum):
     INVALID_REQUEST = "invalid_request"
     UNAUTHORIZED = "unauthorized"
     BODY_TOO_LARGE = "body_too_large"
+    REQUEST_TIMEOUT = "request_timeout"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     QUEUE_FULL = "queue_full"
@@ -33,6 +34,7 @@ STATUS: dict[ErrorType, int] = {
     ErrorType.INVALID_REQUEST: 422,
     ErrorType.UNAUTHORIZED: 401,
     ErrorType.BODY_TOO_LARGE: 413,
+    ErrorType.REQUEST_TIMEOUT: 408,
     ErrorType.NOT_FOUND: 404,
     ErrorType.METHOD_NOT_ALLOWED: 405,
     ErrorType.QUEUE_FULL: 503,
@@ -91,6 +93,10 @@ def error_response(error: ServiceError, retry_after_s: int) -> JSONResponse:
     headers = {}
     if error.type in RETRYABLE:
         headers["Retry-After"] = str(retry_after_s)
+    if error.type is ErrorType.REQUEST_TIMEOUT:
+        # The rest of the body may still be trickling in: end the connection, not just the
+        # request, or the server would go on reading it.
+        headers["Connection"] = "close"
     if error.type is ErrorType.UNAUTHORIZED:
         # RFC 6750: the scheme the client must use.
         headers["WWW-Authenticate"] = 'Bearer realm="crossrank"'

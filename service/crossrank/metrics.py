@@ -44,7 +44,7 @@ TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 ENDPOINTS = ("/rerank", "/v1/rerank")
-STATUSES = ("200", "400", "401", "413", "422", "500", "503", "504")
+STATUSES = ("200", "400", "401", "408", "413", "422", "500", "503", "504")
 DROP_REASONS = ("deadline", "disconnected", "failed", "stalled")
 REJECT_REASONS = (
     "queue_full",
@@ -53,6 +53,7 @@ REJECT_REASONS = (
     "engine_stalled",
     "invalid",
     "too_large",
+    "body_timeout",
 )
 AUTH_FAILURE_REASONS = ("missing", "malformed", "wrong_key")
 

@@ -3,6 +3,7 @@ the request-duration metric."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -138,11 +139,14 @@ class ApiKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for a body over ``max_bytes``: at once from Content-Length, else while it streams."""
+    """413 for a body over ``max_bytes``: at once from Content-Length, else while it streams;
+    408 for a body not all in within ``timeout_s`` of the request's start (a client trickling
+    it would otherwise hold its connection and its request for ever)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, metrics: Metrics) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
         self.metrics = metrics
 
     def _error(self) -> ServiceError:
@@ -161,10 +165,23 @@ class BodyLimitMiddleware:
             await error_response(self._error(), retry_after_s=0)(scope, receive, send)
             return
         seen = 0
+        complete = False
+        deadline = time.monotonic() + self.timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:
+                # After the body only the disconnect is left, which may come at any time.
+                return await receive()
+            try:
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    message = await receive()
+            except TimeoutError:
+                self.metrics.rejected_requests.labels("body_timeout").inc()
+                raise HTTPException(
+                    408, f"the request body did not arrive within {self.timeout_s:g} s"
+                ) from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:

@@ -35,6 +35,7 @@ router = APIRouter(route_class=StrictJSONRoute)
 # What a rerank route can answer besides 200 (documented in the OpenAPI, checked by fuzzing).
 RERANK_ERRORS = error_responses(
     ErrorType.UNAUTHORIZED,
+    ErrorType.REQUEST_TIMEOUT,
     ErrorType.BODY_TOO_LARGE,
     ErrorType.INVALID_REQUEST,
     ErrorType.ENGINE_FAILURE,

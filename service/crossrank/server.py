@@ -8,10 +8,12 @@ from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from crossrank.app import create_app
 from crossrank.logs import configure
 from crossrank.settings import Settings
+from crossrank.slow_clients import header_timeout_protocol
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +53,12 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def serve(settings: Settings) -> None:
-    configure(settings.log_format)
-    app = create_app(settings)
-    config = uvicorn.Config(
+def uvicorn_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        http=header_timeout_protocol(settings.header_timeout_s),
         log_level="info",
         # Our handler formats uvicorn's records too; our access line replaces uvicorn's.
         log_config=None,
@@ -66,6 +67,12 @@ def serve(settings: Settings) -> None:
         # then are cancelled (the app's shutdown holds the same deadline).
         timeout_graceful_shutdown=max(0.0, settings.drain_grace_s - settings.drain_delay_s),
     )
+
+
+def serve(settings: Settings) -> None:
+    configure(settings.log_format)
+    app = create_app(settings)
+    config = uvicorn_config(app, settings)
     # One process, one event loop: the batcher must see every request to batch them together.
     server = DrainingServer(
         config, on_stop=app.state.service.begin_drain, drain_delay_s=settings.drain_delay_s

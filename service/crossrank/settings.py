@@ -28,6 +28,14 @@ class Settings(BaseSettings):
     # Request limits.
     max_passages: int = Field(default=1000, ge=1)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A connection whose request line and headers take longer is closed.",
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="A request whose body takes longer to arrive gets a 408."
+    )
     default_timeout_ms: int = Field(
         default=60_000, ge=1, description="Deadline of a request that sends no timeout_ms."
     )
