@@ -117,3 +117,28 @@ def test_the_body_bound_is_counted(model_dir: ModelDir) -> None:
         trickle(int(srv.url.rsplit(":", 1)[1]), s, 10.0)
         assert s.answer.startswith(b"HTTP/1.1 408")
         assert metric(srv, 'crossrank_rejected_requests_total{reason="body_timeout"}') == 1
+
+
+def test_an_oversized_request_head_is_refused(model_dir: ModelDir) -> None:
+    with run_server(model_dir, max_header_bytes=16 * 1024) as srv:
+        srv.wait_ready()
+        port = int(srv.url.rsplit(":", 1)[1])
+        answers = {}
+        for name, head in {
+            "8 KB header": b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 8000 + b"\r\n\r\n",
+            "1 MB header": b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 10**6 + b"\r\n\r\n",
+            "100 KB of headers": b"GET /health HTTP/1.1\r\nHost: x\r\n"
+            + b"X-A: aaaaaaaaaa\r\n" * 6000
+            + b"\r\n",
+            "100 KB path": b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        }.items():
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.settimeout(10)
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    sock.sendall(head)
+                answers[name] = sock.recv(100)
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            assert c.get("/ready").status_code == 200
+    assert answers["8 KB header"].startswith(b"HTTP/1.1 200")
+    for name in ("1 MB header", "100 KB of headers", "100 KB path"):
+        assert answers[name].startswith(b"HTTP/1.1 400"), (name, answers[name])

@@ -58,7 +58,7 @@ def uvicorn_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
         app,
         host=settings.host,
         port=settings.port,
-        http=header_timeout_protocol(settings.header_timeout_s),
+        http=header_timeout_protocol(settings.header_timeout_s, settings.max_header_bytes),
         log_level="info",
         # Our handler formats uvicorn's records too; our access line replaces uvicorn's.
         log_config=None,

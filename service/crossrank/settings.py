@@ -33,6 +33,9 @@ class Settings(BaseSettings):
         gt=0,
         description="A connection whose request line and headers take longer is closed.",
     )
+    max_header_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="A longer request line and headers get a 400."
+    )
     body_timeout_s: float = Field(
         default=30.0, gt=0, description="A request whose body takes longer to arrive gets a 408."
     )
