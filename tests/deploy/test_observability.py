@@ -24,6 +24,7 @@ from crossrank.model_dir import ModelDir
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "crossrank.json"
 MAX_QUEUED = 16
+API_KEY = "observability-test-key"
 
 # Grafana computes $__rate_interval from the scrape interval (5 s: at least 20 s); Prometheus's
 # API has no such variable, so the test substitutes a window that spans the whole test, and so
@@ -46,7 +47,8 @@ PANELS_WITH_DATA = {
     "In-flight requests",
     "Rejected requests by reason",
     "Dropped pairs by reason",
-    "Engine failures",
+    "Engine failures and stalls",
+    "Authentication failures by reason",
 }
 
 
@@ -135,12 +137,20 @@ def start_prometheus(binary: str, config: Path, folder: Path) -> Iterator[Promet
         log.close()
 
 
+def client(srv: RunningServer) -> httpx.Client:
+    return httpx.Client(
+        base_url=srv.url, timeout=30, headers={"Authorization": f"Bearer {API_KEY}"}
+    )
+
+
 def drive_traffic(srv: RunningServer) -> None:
-    """Successes on both endpoints, and each kind of failure the dashboard shows: 422 and 413
-    rejections, 503 queue_full, 504 with its pairs dropped at their deadline."""
+    """Successes on both endpoints, and each kind of failure the dashboard shows: 401, 422 and
+    413 rejections, 503 queue_full, 504 with its pairs dropped at their deadline."""
     assert srv.engine is not None
     body = {"query": "capital of france", "passages": ["paris is the capital", "a cat", "sky"]}
-    with srv.client() as c:
+    with srv.client() as anonymous:
+        assert anonymous.post("/rerank", json=body).status_code == 401
+    with client(srv) as c:
         for _ in range(3):
             assert c.post("/rerank", json=body).status_code == 200
             cohere = {"query": body["query"], "documents": body["passages"]}
@@ -156,7 +166,7 @@ def drive_traffic(srv: RunningServer) -> None:
     statuses: dict[str, int] = {}
 
     def post(name: str, payload: dict) -> None:
-        with srv.client() as c:
+        with client(srv) as c:
             statuses[name] = c.post("/rerank", json=payload).status_code
 
     held = threading.Thread(target=post, args=("held", {"query": "q", "passages": ["p"] * 8}))
@@ -179,7 +189,12 @@ def scraped(
 ) -> Iterator[tuple[Prometheus, RunningServer]]:
     folder = tmp_path_factory.mktemp("prometheus")
     with run_server(
-        model_dir, gated=True, max_queued_pairs=MAX_QUEUED, max_passages=8, max_body_bytes=4096
+        model_dir,
+        gated=True,
+        max_queued_pairs=MAX_QUEUED,
+        max_passages=8,
+        max_body_bytes=4096,
+        api_keys=API_KEY,  # /metrics stays open to Prometheus (metrics_require_key is off)
     ) as srv:
         srv.wait_ready()
         config = adapted_config(srv.url.removeprefix("http://"), folder)
@@ -228,9 +243,10 @@ def test_dashboard_shows_the_traffic_that_happened(
     rejected = series("Rejected requests by reason", "reason")
     assert rejected["queue_full"] > 0 and rejected["invalid"] > 0 and rejected["too_large"] > 0
     assert rejected["not_ready"] == 0
+    assert series("Authentication failures by reason", "reason")["missing"] > 0
     assert series("Dropped pairs by reason", "reason")["deadline"] > 0
     statuses = series("Requests/s by status", "status")
-    assert all(statuses[s] > 0 for s in ("200", "413", "422", "503", "504"))
+    assert all(statuses[s] > 0 for s in ("200", "401", "413", "422", "503", "504"))
     (bound,) = prometheus.query("crossrank_queue_capacity_pairs")
     assert float(bound["value"][1]) == MAX_QUEUED
     (model,) = prometheus.query("crossrank_model_info")
