@@ -28,10 +28,16 @@ def tokenised(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     lock = threading.Lock()
     encode = PairTokenizer.encode
 
-    def counting(self: PairTokenizer, query: str, passages: list[str], truncate: bool = True):
+    def counting(
+        self: PairTokenizer,
+        query: str,
+        passages: list[str],
+        truncate: bool = True,
+        instruction: str | None = None,
+    ):
         with lock:
             queries.append(query)
-        return encode(self, query, passages, truncate)
+        return encode(self, query, passages, truncate, instruction)
 
     monkeypatch.setattr(PairTokenizer, "encode", counting)
     yield queries
