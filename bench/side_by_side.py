@@ -59,7 +59,7 @@ def st_exports(folder: Path) -> dict[str, tuple[str, str | None]]:
         found["onnx"] = ("onnx", None)
     for file in sorted((folder / "onnx").glob("model_O*.onnx")):
         found[f"onnx {file.stem.removeprefix('model_')}"] = ("onnx", f"onnx/{file.name}")
-    for file in sorted((folder / "onnx").glob("model_qint8_*.onnx")):
+    for file in sorted((folder / "onnx").glob("model_*int8_*.onnx")):
         found[f"onnx {file.stem.removeprefix('model_')}"] = ("onnx", f"onnx/{file.name}")
     if (folder / "openvino" / "openvino_model.xml").is_file():
         found["openvino"] = ("openvino", None)
