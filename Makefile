@@ -43,12 +43,13 @@ lint: setup-dev
 	$(BIN)/ruff format --check service training tests bench
 
 # What the deploy tests run beside the dev extra's hadolint and kubernetes-validate: Prometheus
-# and promtool, docker-compose (Debian's). kubectl comes with the machine image. Where a tool
+# and promtool, docker-compose and shellcheck (Debian's). kubectl comes with the machine image. Where a tool
 # cannot be installed the tests that need it skip and say why; the rest still run.
 deploy-tools:
 	@missing=""; \
 	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	command -v shellcheck >/dev/null || missing="$$missing shellcheck"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing$$missing"; \

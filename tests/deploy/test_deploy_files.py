@@ -218,3 +218,9 @@ def test_dashboard_follows_grafana_conventions() -> None:
             windows = re.findall(r"\[([^\]]+)\]", expr)
             assert all(w == "$__rate_interval" for w in windows), (panel["title"], expr)
             assert 'instance=~"$instance"' in expr, (panel["title"], expr)
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "deploy").glob("*.sh")), ids=lambda p: p.name)
+def test_deploy_scripts_are_shellcheck_clean(script: Path) -> None:
+    result = run(tool("shellcheck"), script)
+    assert result.returncode == 0, result.stdout + result.stderr
