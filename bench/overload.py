@@ -69,6 +69,20 @@ async def overload(
         return list(answers), time.perf_counter() - started
 
 
+def refusal_buckets(metrics_text: str) -> dict[str, float]:
+    """Share of /rerank 503s within each of crossrank_request_duration_seconds' bounds."""
+    prefix = 'crossrank_request_duration_seconds_bucket{endpoint="/rerank",le="'
+    counts = {}
+    for line in metrics_text.splitlines():
+        if line.startswith(prefix) and 'status="503"' in line:
+            bound = line[len(prefix) :].split('"', 1)[0]
+            counts[bound] = float(line.rsplit(" ", 1)[1])
+    total = counts.pop("+Inf")
+    return {
+        f"{1000 * float(b):g}": round(n / total, 3) for b, n in counts.items() if float(b) <= 0.5
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True)
@@ -117,6 +131,7 @@ def main() -> None:
             )
         )
         rss_now, rss_peak = server.rss_mb()
+        server_side = refusal_buckets(httpx.get(url + "/metrics").text)
     statuses: dict[int, int] = {}
     for a in answers:
         statuses[a.status] = statuses.get(a.status, 0) + 1
@@ -133,6 +148,9 @@ def main() -> None:
         "admitted_pairs_per_s_under_overload": round(
             sum(a.pairs for a in served) / max(a.done_at for a in served), 1
         ),
+        # The server's own view (from arrival of the request head to the answer), free of the
+        # client's queueing: the share of 503s answered within each histogram bucket.
+        "server_503_share_within_ms": server_side,
         "rss_mb_after_baseline": round(rss_before, 1),
         "rss_mb_end": round(rss_now, 1),
         "rss_mb_peak": round(rss_peak, 1),
