@@ -14,7 +14,7 @@ from crossrank.engine import EngineConfigError, plan_session
 from crossrank.model_dir import ModelDirError, load_model_dir
 from crossrank.settings import Settings
 
-TRAINING_COMMANDS = ("train", "interpolate", "eval", "export", "mine", "teach")
+TRAINING_COMMANDS = ("train", "interpolate", "eval", "export", "mine", "teach", "calibrate")
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -14,7 +15,7 @@ from crossrank.collate import PaddedBatch, pad_pairs
 from crossrank.engine import OnnxEngine, plan_session
 from crossrank.errors import ErrorType, ServiceError
 from crossrank.metrics import Metrics
-from crossrank.model_dir import ModelDir, load_model_dir
+from crossrank.model_dir import Activation, ModelDir, load_model_dir
 from crossrank.reranker import Reranker
 from crossrank.scheduling import AUTO_BATCH_TOKENS, BatchLimits
 from crossrank.settings import Settings
@@ -55,6 +56,7 @@ class Service:
         self.model: ModelDir | None = None
         self.reranker: Reranker | None = None
         self.batcher: Batcher | None = None
+        self.variant = ""
         self.ready = False
         self.draining = False
         self._drain_deadline = float("inf")
@@ -110,10 +112,12 @@ class Service:
             self.batcher,
             meta.activation,
             self.metrics,
+            calibration=meta.calibration,
             max_passages=s.max_passages,
             default_timeout_ms=s.default_timeout_ms,
         )
         self.model = model
+        self.variant = variant
         self.metrics.model.info(
             {
                 "name": meta.name,
@@ -171,6 +175,32 @@ class Service:
                 )
         if self.reranker is not None:
             self.reranker.close()
+
+    def describe(self) -> dict[str, Any]:
+        """The model being served and what its scores mean (GET /info)."""
+        if self.model is None:
+            raise ServiceError(ErrorType.NOT_READY, "the model is still loading: retry later")
+        meta = self.model.metadata
+        calibration = meta.calibration
+        if calibration is not None:
+            score = (
+                f"calibrated probability of relevance ({calibration.method} scaling of the "
+                f"logit, fitted on {calibration.fitted_on}); raw_scores gives the logit"
+            )
+        elif meta.activation is Activation.SIGMOID:
+            score = "sigmoid of the logit (not calibrated); raw_scores gives the logit"
+        else:
+            score = "the logit (not calibrated: meaningful only relative to other passages' scores)"
+        return {
+            "model": meta.name,
+            "variant": self.variant,
+            "max_length": meta.max_length,
+            "max_query_tokens": meta.max_query_tokens,
+            "activation": meta.activation.value,
+            "calibrated": calibration is not None,
+            "score": score,
+            "calibration": calibration.model_dump(mode="json") if calibration else None,
+        }
 
     def readiness(self) -> str | None:
         """Why the service is not ready, or None when it is."""

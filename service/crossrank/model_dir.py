@@ -21,8 +21,9 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 METADATA_FILE = "crossrank.json"
@@ -77,6 +78,31 @@ class PromptTemplate(BaseModel):
         return self.prefix.replace(INSTRUCTION_SLOT, chosen or "") + query + self.separator
 
 
+class Calibration(BaseModel):
+    """Platt scaling: P(relevant | logit) = sigmoid(slope * logit + intercept), fitted on a
+    labelled set of (query, candidate) pairs. The slope is positive, so the map is strictly
+    increasing: probabilities keep the logits' order and never tie where logits differ (an
+    isotonic map would flatten ranges of logits into equal steps)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["platt"] = "platt"
+    slope: float = Field(gt=0)
+    intercept: float
+    # The labelled set (its files and how candidates were drawn) and the variant scored on it.
+    fitted_on: str = Field(min_length=1)
+    variant: str = Field(min_length=1)
+    pairs: int = Field(ge=2)
+    positives: int = Field(ge=1)
+    # Measurements of the fit (e.g. ECE on a held-out set), free-form.
+    report: dict[str, Any] = Field(default_factory=dict)
+
+    def probability(self, logits: np.ndarray) -> np.ndarray:
+        """P(relevant) per logit, float64; the tanh form of the sigmoid cannot overflow."""
+        z = self.slope * logits.astype(np.float64) + self.intercept
+        return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
 class ModelMetadata(BaseModel):
     """Contents of ``crossrank.json``."""
 
@@ -91,6 +117,8 @@ class ModelMetadata(BaseModel):
     variants: dict[str, str] = Field(min_length=1)
     # Set for an LLM reranker: its pairs are this template's text, not the tokenizer's pairs.
     prompt: PromptTemplate | None = None
+    # Set when the logits were calibrated: the `score` clients see is then this probability.
+    calibration: Calibration | None = None
     # Provenance (base model, data, metrics, git commit): free-form, shown by `crossrank info`.
     training: dict[str, Any] = Field(default_factory=dict)
 
@@ -163,6 +191,17 @@ def load_model_dir(path: str | Path) -> ModelDir:
         if not (root / file).is_file():
             raise ModelDirError(f"{root}: variant {variant!r} names {file}, which does not exist")
     return model
+
+
+def write_calibration(path: str | Path, calibration: Calibration) -> ModelDir:
+    """Set ``calibration`` in a model directory's ``crossrank.json``, leaving every other key
+    as written (the ONNX files and the rest of the metadata are untouched)."""
+    meta_file = Path(path) / METADATA_FILE
+    raw = json.loads(meta_file.read_text())
+    raw["calibration"] = calibration.model_dump(mode="json")
+    ModelMetadata.model_validate(raw)
+    meta_file.write_text(json.dumps(raw, indent=2) + "\n")
+    return load_model_dir(path)
 
 
 def write_metadata(path: str | Path, metadata: ModelMetadata) -> Path:

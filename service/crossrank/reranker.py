@@ -13,7 +13,7 @@ import numpy as np
 from crossrank.batcher import Batcher
 from crossrank.errors import ErrorType, ServiceError, invalid
 from crossrank.metrics import Metrics
-from crossrank.model_dir import Activation
+from crossrank.model_dir import Activation, Calibration
 from crossrank.request_context import current
 from crossrank.tokenization import (
     EncodedRequest,
@@ -32,10 +32,15 @@ class Ranked:
     tokens: int
     truncated: int
 
-    def best(self, limit: int | None) -> list[tuple[int, float]]:
-        """(index, score) of the best ``limit`` passages (all when None), best first."""
-        order = self.order[:limit] if limit else self.order
-        return [(index, float(self.scores[index])) for index in order.tolist()]
+    def best(self, limit: int | None, min_score: float | None = None) -> list[tuple[int, float]]:
+        """(index, score) of the best ``limit`` passages (all when None) scoring at least
+        ``min_score``, best first."""
+        order = self.order.tolist()
+        if min_score is not None:
+            # Scores fall along the order (they are monotone in the logits ranked by), so the
+            # passing ones are a prefix; filtering by value keeps this true for any map.
+            order = [i for i in order if self.scores[i] >= min_score]
+        return [(index, float(self.scores[index])) for index in order[:limit]]
 
 
 def rank(logits: np.ndarray) -> np.ndarray:
@@ -51,12 +56,14 @@ class Reranker:
         activation: Activation,
         metrics: Metrics,
         *,
+        calibration: Calibration | None = None,
         max_passages: int,
         default_timeout_ms: int,
     ) -> None:
         self._tokenizer = tokenizer
         self._batcher = batcher
         self._activation = activation
+        self._calibration = calibration
         self._metrics = metrics
         self._max_passages = max_passages
         self._default_timeout_ms = default_timeout_ms
@@ -96,6 +103,18 @@ class Reranker:
             ) from None
         self._metrics.tokenization.observe(time.monotonic() - started)
         return encoded
+
+    def scores(self, logits: np.ndarray, raw_scores: bool) -> np.ndarray:
+        """What a client sees: the logit when asked for it, else the calibrated probability,
+        else (an uncalibrated model) the model's own activation of the logit."""
+        if raw_scores:
+            return logits
+        if self._calibration is not None:
+            return self._calibration.probability(logits)
+        if self._activation is Activation.IDENTITY:
+            return logits
+        # The tanh form of the sigmoid cannot overflow.
+        return 0.5 * (1.0 + np.tanh(0.5 * logits.astype(np.float64)))
 
     async def score(
         self,
@@ -142,10 +161,6 @@ class Reranker:
             queued_s, inference_s = ticket.timings()
             record.queue_ms = 1000 * queued_s
             record.inference_ms = 1000 * inference_s
-        if raw_scores or self._activation is Activation.IDENTITY:
-            scores = logits
-        else:
-            # The tanh form of the sigmoid cannot overflow.
-            scores = 0.5 * (1.0 + np.tanh(0.5 * logits.astype(np.float64)))
+        scores = self.scores(logits, raw_scores)
         # Rank by logit: the sigmoid saturates to equal scores for large, different logits.
         return Ranked(rank(logits), scores, len(passages), encoded.tokens, encoded.truncated)

@@ -19,6 +19,7 @@ from crossrank.schemas import (
     CohereRerankRequest,
     CohereResponse,
     HealthResponse,
+    InfoResponse,
     ReadyResponse,
     RerankRequest,
     RerankResponse,
@@ -99,7 +100,7 @@ async def rerank(body: RerankRequest, request: Request) -> Response:
         {"index": i, "score": score, "passage": body.passages[i]}
         if body.return_passages
         else {"index": i, "score": score}
-        for i, score in ranked.best(body.top_k)
+        for i, score in ranked.best(body.top_k, body.min_score)
     ]
     return JSONResponse(
         {
@@ -135,6 +136,7 @@ async def cohere_rerank(body: CohereRerankRequest, request: Request) -> Response
             truncate=True,
             timeout_ms=None,
             passages_field="documents",
+            instruction=body.instruction,
         ),
     )
     if ranked is None:
@@ -143,7 +145,7 @@ async def cohere_rerank(body: CohereRerankRequest, request: Request) -> Response
         {"index": i, "relevance_score": score, "document": {"text": texts[i]}}
         if body.return_documents
         else {"index": i, "relevance_score": score}
-        for i, score in ranked.best(body.top_n)
+        for i, score in ranked.best(body.top_n, body.min_score)
     ]
     return JSONResponse(
         {
@@ -186,6 +188,16 @@ async def ready(request: Request) -> Response:
     if reason is None:
         return JSONResponse({"status": "ready"})
     return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+
+
+@router.get(
+    "/info",
+    response_model=InfoResponse,
+    responses=error_responses(ErrorType.UNAUTHORIZED, ErrorType.NOT_READY, ErrorType.INTERNAL),
+    summary="The model served and what its scores mean (calibrated probability or not).",
+)
+async def info(request: Request) -> Response:
+    return JSONResponse(_service(request).describe())
 
 
 @router.get(

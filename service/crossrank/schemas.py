@@ -11,6 +11,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    StrictFloat,
     StrictInt,
     StrictStr,
 )
@@ -51,7 +52,17 @@ class RerankRequest(BaseModel):
     )
     top_k: StrictInt | None = Field(default=None, ge=1, description="Return only the best k.")
     return_passages: StrictBool = False
-    raw_scores: StrictBool = Field(default=False, description="Logits instead of sigmoid scores.")
+    raw_scores: StrictBool = Field(
+        default=False,
+        description="The logit as score instead of the calibrated probability (or, for a model "
+        "without calibration, its activation: see GET /info).",
+    )
+    min_score: StrictFloat | None = Field(
+        default=None,
+        allow_inf_nan=False,
+        description="Drop results scoring below it, after ranking (compared with the score "
+        "returned: the probability, or the logit with raw_scores).",
+    )
     truncate: StrictBool = Field(
         default=True, description="Cut over-long pairs to the model's length instead of a 422."
     )
@@ -87,8 +98,8 @@ class RerankResponse(BaseModel):
 
 
 class CohereRerankRequest(BaseModel):
-    """Cohere's (and Jina's) rerank body. Fields this server has no use for (e.g.
-    ``max_tokens_per_doc``, ``rank_fields``) are accepted and ignored, as a drop-in must."""
+    """Cohere's (and Jina's) rerank body. Fields this server has no use for are accepted and
+    ignored, as a drop-in must."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -97,6 +108,16 @@ class CohereRerankRequest(BaseModel):
     documents: list[DocumentText] = Field(min_length=1)
     top_n: StrictInt | None = Field(default=None, ge=1)
     return_documents: StrictBool = False
+    min_score: StrictFloat | None = Field(
+        default=None,
+        allow_inf_nan=False,
+        description="(crossrank extension) drop results whose relevance_score is below it.",
+    )
+    instruction: Text | None = Field(
+        default=None,
+        description="(crossrank extension) an LLM reranker's instruction in place of its "
+        "default (a 422 for a model whose prompt has none).",
+    )
 
 
 class CohereDocument(BaseModel):
@@ -120,6 +141,19 @@ class CohereResponse(BaseModel):
 class HealthResponse(BaseModel):
     status: Literal["ok", "stuck"]
     reason: str | None = None
+
+
+class InfoResponse(BaseModel):
+    model: str
+    variant: str
+    max_length: int
+    max_query_tokens: int
+    activation: str
+    calibrated: bool = Field(description="Whether `score`/`relevance_score` is a probability.")
+    score: str = Field(description="What the scores mean, in words.")
+    calibration: dict[str, Any] | None = Field(
+        default=None, description="crossrank.json's calibration: method, parameters, fit set."
+    )
 
 
 class ReadyResponse(BaseModel):

@@ -1,4 +1,4 @@
-"""The four commands end to end on generated BEIR/TREC files: mine, train, export, eval."""
+"""The commands end to end on generated BEIR/TREC files: mine, train, export, calibrate, eval."""
 
 from __future__ import annotations
 
@@ -124,6 +124,21 @@ def test_mine_train_export_eval(graded_checkpoint: Path, tmp_path: Path) -> None
     assert set(meta.training["export"]["metrics"]) == {"fp32", "int8", "fp16"}
     assert meta.training["data"] == str(groups)
     assert meta.training["training_groups"] == (QUERIES - 2) * 3
+    # The export fitted the calibration on its judged sample, on the variant a CPU serves.
+    assert meta.calibration is not None and meta.calibration.variant == "int8"
+    assert meta.calibration.pairs == QUERIES * GRADED_LEVELS
+
+    onnx = {f.name: f.read_bytes() for f in model_dir.glob("*.onnx")}
+    diagram = tmp_path / "reliability.png"
+    heldout = [f"--heldout-{flag[2:]}" if flag.startswith("--") else flag for flag in data]
+    calibrate = ["calibrate", str(model_dir), *evals, "--eval-run", str(files["run"])]
+    assert main([*calibrate, *heldout, "--bins", "5", "--diagram", str(diagram)]) == 0
+    refit = load_model_dir(model_dir).metadata.calibration
+    assert refit is not None and refit.slope > 0
+    assert "queries.jsonl" in refit.fitted_on and "run top 100" in refit.fitted_on
+    assert 0 <= refit.report["heldout"]["ece_5_bins"] <= 1
+    assert diagram.read_bytes()[:4] == b"\x89PNG"
+    assert {f.name: f.read_bytes() for f in model_dir.glob("*.onnx")} == onnx
 
     assert (
         main(

