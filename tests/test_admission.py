@@ -34,10 +34,11 @@ def tokenised(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
         passages: list[str],
         truncate: bool = True,
         instruction: str | None = None,
+        **options,
     ):
         with lock:
             queries.append(query)
-        return encode(self, query, passages, truncate, instruction)
+        return encode(self, query, passages, truncate, instruction, **options)
 
     monkeypatch.setattr(PairTokenizer, "encode", counting)
     yield queries

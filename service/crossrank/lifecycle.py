@@ -11,12 +11,13 @@ import numpy as np
 import onnxruntime as ort
 
 from crossrank.batcher import Batcher
+from crossrank.chunking import Aggregation
 from crossrank.collate import PaddedBatch, pad_pairs
 from crossrank.engine import OnnxEngine, plan_session
 from crossrank.errors import ErrorType, ServiceError
 from crossrank.metrics import Metrics
 from crossrank.model_dir import Activation, ModelDir, load_model_dir
-from crossrank.reranker import Reranker
+from crossrank.reranker import LongPassages, Reranker
 from crossrank.scheduling import AUTO_BATCH_TOKENS, BatchLimits
 from crossrank.settings import Settings
 from crossrank.tokenization import EncodedPair, load_pair_encoder
@@ -79,6 +80,14 @@ class Service:
         )
         meta = model.metadata
         tokenizer = load_pair_encoder(model)
+        window = tokenizer.min_window
+        if s.long_passages == "chunk" and window is None:
+            raise ValueError(f"{meta.name} cannot chunk long passages: set long_passages truncate")
+        if window is not None and s.chunk_stride >= window:
+            raise ValueError(
+                f"chunk_stride {s.chunk_stride} must be under the {window} passage tokens a "
+                f"window of {meta.name} holds beside a full query"
+            )
         probe = tokenizer.encode("warm up", ["the engine answers"]).pairs
         batch_tokens = s.max_batch_tokens or AUTO_BATCH_TOKENS[plan.device]
         batches = warmup_batches(probe[0], meta.max_length, batch_tokens, s.max_batch_pairs)
@@ -115,6 +124,12 @@ class Service:
             calibration=meta.calibration,
             max_passages=s.max_passages,
             default_timeout_ms=s.default_timeout_ms,
+            long_passages=LongPassages(
+                s.long_passages == "chunk",
+                s.chunk_stride,
+                Aggregation(s.chunk_aggregation),
+                s.max_chunks_per_doc,
+            ),
         )
         self.model = model
         self.variant = variant
@@ -200,6 +215,12 @@ class Service:
             "calibrated": calibration is not None,
             "score": score,
             "calibration": calibration.model_dump(mode="json") if calibration else None,
+            "long_passages": {
+                "default": self.settings.long_passages,
+                "chunk_stride": self.settings.chunk_stride,
+                "chunk_aggregation": self.settings.chunk_aggregation,
+                "max_chunks_per_doc": self.settings.max_chunks_per_doc,
+            },
         }
 
     def readiness(self) -> str | None:

@@ -4,6 +4,7 @@ rank."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -11,17 +12,41 @@ from dataclasses import dataclass
 import numpy as np
 
 from crossrank.batcher import Batcher
+from crossrank.chunking import Aggregation, aggregate
 from crossrank.errors import ErrorType, ServiceError, invalid
 from crossrank.metrics import Metrics
 from crossrank.model_dir import Activation, Calibration
 from crossrank.request_context import current
 from crossrank.tokenization import (
+    Chunking,
+    ChunkingError,
     EncodedRequest,
     InstructionError,
-    PairTokenizer,
+    PairEncoder,
     PassageTooLongError,
     QueryTooLongError,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class LongPassages:
+    """How a request treats passages over the model's window (the server's defaults, each
+    overridable per request)."""
+
+    chunk: bool
+    stride: int
+    aggregation: Aggregation
+    max_chunks: int
+
+    def override(
+        self, mode: str | None, aggregation: str | None, max_chunks: int | None
+    ) -> LongPassages:
+        return LongPassages(
+            self.chunk if mode is None else mode == "chunk",
+            self.stride,
+            self.aggregation if aggregation is None else Aggregation(aggregation),
+            self.max_chunks if max_chunks is None else max_chunks,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +56,15 @@ class Ranked:
     pairs: int
     tokens: int
     truncated: int
+    chunks: int  # pairs scored: windows when chunked
+    # Chunked: per passage, the window that scored it (number, first char, one past its last).
+    spans: list[tuple[int, int, int]] | None = None
+
+    def span(self, index: int) -> dict[str, int] | None:
+        if self.spans is None:
+            return None
+        chunk, start, end = self.spans[index]
+        return {"chunk": chunk, "start": start, "end": end}
 
     def best(self, limit: int | None, min_score: float | None = None) -> list[tuple[int, float]]:
         """(index, score) of the best ``limit`` passages (all when None) scoring at least
@@ -51,7 +85,7 @@ def rank(logits: np.ndarray) -> np.ndarray:
 class Reranker:
     def __init__(
         self,
-        tokenizer: PairTokenizer,
+        tokenizer: PairEncoder,
         batcher: Batcher,
         activation: Activation,
         metrics: Metrics,
@@ -59,6 +93,7 @@ class Reranker:
         calibration: Calibration | None = None,
         max_passages: int,
         default_timeout_ms: int,
+        long_passages: LongPassages,
     ) -> None:
         self._tokenizer = tokenizer
         self._batcher = batcher
@@ -67,6 +102,7 @@ class Reranker:
         self._metrics = metrics
         self._max_passages = max_passages
         self._default_timeout_ms = default_timeout_ms
+        self.long_passages = long_passages
         # Tokenisation runs beside inference: its own thread, so it never queues behind a batch.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crossrank-tokenize")
 
@@ -79,15 +115,26 @@ class Reranker:
         passages: list[str],
         truncate: bool,
         passages_field: str,
-        instruction: str | None = None,
+        instruction: str | None,
+        max_passage_tokens: int | None,
+        chunking: Chunking | None,
     ) -> EncodedRequest:
         started = time.monotonic()
+        encode = functools.partial(
+            self._tokenizer.encode,
+            query,
+            passages,
+            truncate,
+            instruction,
+            max_passage_tokens=max_passage_tokens,
+            chunking=chunking,
+        )
         try:
-            encoded = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._tokenizer.encode, query, passages, truncate, instruction
-            )
+            encoded = await asyncio.get_running_loop().run_in_executor(self._pool, encode)
         except InstructionError as exc:
             raise invalid(str(exc), "instruction") from None
+        except ChunkingError as exc:
+            raise invalid(str(exc), "long_passages") from None
         except QueryTooLongError as exc:
             raise invalid(
                 f"query has {exc.tokens} tokens, over the model's budget of {exc.budget}; "
@@ -126,17 +173,46 @@ class Reranker:
         timeout_ms: int | None,
         passages_field: str,
         instruction: str | None = None,
+        long_passages: LongPassages | None = None,
+        max_passage_tokens: int | None = None,
     ) -> Ranked:
         arrived = time.monotonic()
+        long_passages = long_passages or self.long_passages
         if len(passages) > self._max_passages:
             raise invalid(
                 f"{len(passages)} passages sent; this server takes at most {self._max_passages}",
                 passages_field,
             )
-        # Admission before any work: a refusal costs no tokenisation.
-        reservation = self._batcher.reserve(len(passages))
+        chunking = (
+            Chunking(long_passages.stride, long_passages.max_chunks)
+            if long_passages.chunk
+            else None
+        )
+        # Admission before any work: a refusal costs no tokenisation. Chunked, the room is an
+        # upper bound on the pairs (max_chunks windows a passage, max_passages pairs in all);
+        # what the windows do not use is given back once they are cut.
+        bound = len(passages)
+        if chunking is not None:
+            bound = min(len(passages) * chunking.max_chunks, self._max_passages)
+        reservation = self._batcher.reserve(bound)
         try:
-            encoded = await self._encode(query, passages, truncate, passages_field, instruction)
+            encoded = await self._encode(
+                query,
+                passages,
+                truncate,
+                passages_field,
+                instruction,
+                max_passage_tokens,
+                chunking,
+            )
+            if len(encoded.pairs) > bound:
+                raise invalid(
+                    f"{len(passages)} passages make {len(encoded.pairs)} windows; this server "
+                    f"scores at most {self._max_passages} pairs a request: send fewer passages "
+                    "or a lower max_chunks_per_doc",
+                    passages_field,
+                )
+            self._batcher.release(reservation, bound - len(encoded.pairs))
             timeout_s = (timeout_ms or self._default_timeout_ms) / 1000
             remaining = timeout_s - (time.monotonic() - arrived)
             if remaining <= 0:
@@ -161,6 +237,24 @@ class Reranker:
             queued_s, inference_s = ticket.timings()
             record.queue_ms = 1000 * queued_s
             record.inference_ms = 1000 * inference_s
+        spans = None
+        if encoded.owners is not None and encoded.spans is not None:
+            logits, best = aggregate(
+                logits, encoded.owners, len(passages), long_passages.aggregation
+            )
+            first = np.searchsorted(np.asarray(encoded.owners), np.arange(len(passages)))
+            spans = [
+                (int(w - f), *encoded.spans[w])
+                for w, f in zip(best.tolist(), first.tolist(), strict=True)
+            ]
         scores = self.scores(logits, raw_scores)
         # Rank by logit: the sigmoid saturates to equal scores for large, different logits.
-        return Ranked(rank(logits), scores, len(passages), encoded.tokens, encoded.truncated)
+        return Ranked(
+            rank(logits),
+            scores,
+            len(passages),
+            encoded.tokens,
+            encoded.truncated,
+            len(encoded.pairs),
+            spans,
+        )

@@ -82,9 +82,10 @@ async def _until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
 )
 async def rerank(body: RerankRequest, request: Request) -> Response:
     service = _service(request)
+    reranker = service.require_ready()
     ranked = await _until_disconnect(
         request,
-        service.require_ready().score(
+        reranker.score(
             body.query,
             body.passages,
             raw_scores=body.raw_scores,
@@ -92,22 +93,28 @@ async def rerank(body: RerankRequest, request: Request) -> Response:
             timeout_ms=body.timeout_ms,
             passages_field="passages",
             instruction=body.instruction,
+            long_passages=reranker.long_passages.override(
+                body.long_passages, body.chunk_aggregation, body.max_chunks_per_doc
+            ),
         ),
     )
     if ranked is None:
         return Response(status_code=CLIENT_CLOSED)
-    results = [
-        {"index": i, "score": score, "passage": body.passages[i]}
-        if body.return_passages
-        else {"index": i, "score": score}
-        for i, score in ranked.best(body.top_k, body.min_score)
-    ]
+    results = []
+    for i, score in ranked.best(body.top_k, body.min_score):
+        result: dict[str, object] = {"index": i, "score": score}
+        if body.return_passages:
+            result["passage"] = body.passages[i]
+        if ranked.spans is not None:
+            result["span"] = ranked.span(i)
+        results.append(result)
     return JSONResponse(
         {
             "results": results,
             "model": service.model_name,
             "usage": {
                 "pairs": ranked.pairs,
+                "chunks": ranked.chunks,
                 "tokens": ranked.tokens,
                 "truncated": ranked.truncated,
             },
@@ -127,9 +134,10 @@ async def rerank(body: RerankRequest, request: Request) -> Response:
 async def cohere_rerank(body: CohereRerankRequest, request: Request) -> Response:
     service = _service(request)
     texts = body.documents
+    reranker = service.require_ready()
     ranked = await _until_disconnect(
         request,
-        service.require_ready().score(
+        reranker.score(
             body.query,
             texts,
             raw_scores=False,
@@ -137,16 +145,22 @@ async def cohere_rerank(body: CohereRerankRequest, request: Request) -> Response
             timeout_ms=None,
             passages_field="documents",
             instruction=body.instruction,
+            long_passages=reranker.long_passages.override(
+                body.long_passages, body.chunk_aggregation, body.max_chunks_per_doc
+            ),
+            max_passage_tokens=body.max_tokens_per_doc,
         ),
     )
     if ranked is None:
         return Response(status_code=CLIENT_CLOSED)
-    results = [
-        {"index": i, "relevance_score": score, "document": {"text": texts[i]}}
-        if body.return_documents
-        else {"index": i, "relevance_score": score}
-        for i, score in ranked.best(body.top_n, body.min_score)
-    ]
+    results = []
+    for i, score in ranked.best(body.top_n, body.min_score):
+        result: dict[str, object] = {"index": i, "relevance_score": score}
+        if body.return_documents:
+            result["document"] = {"text": texts[i]}
+        if ranked.spans is not None:
+            result["span"] = ranked.span(i)
+        results.append(result)
     return JSONResponse(
         {
             "id": str(uuid.uuid4()),

@@ -33,6 +33,25 @@ def _text(value: str) -> str:
 Text = Annotated[StrictStr, AfterValidator(_text)]
 
 
+LongPassages = Literal["truncate", "chunk"]
+ChunkAggregation = Literal["max", "first", "mean"]
+LONG_PASSAGES = Field(
+    default=None,
+    description="truncate: cut a pair to the model's max length; chunk: score overlapping "
+    "windows of the passage (on token boundaries) and aggregate. Default: the server's.",
+)
+CHUNK_AGGREGATION = Field(
+    default=None,
+    description="A chunked passage's score: max (best window), first or mean over its windows' "
+    "logits. Default: the server's.",
+)
+MAX_CHUNKS_PER_DOC = Field(
+    default=None,
+    ge=1,
+    description="Windows scored per passage at most, from its start. Default: the server's.",
+)
+
+
 def _document_text(value: object) -> object:
     """Cohere and Jina accept a document as a string or as ``{"text": ...}``."""
     if isinstance(value, dict) and "text" in value:
@@ -77,18 +96,31 @@ class RerankRequest(BaseModel):
         description="An LLM reranker's instruction in place of its default (a 422 for a model "
         "whose prompt has none).",
     )
+    long_passages: LongPassages | None = LONG_PASSAGES
+    chunk_aggregation: ChunkAggregation | None = CHUNK_AGGREGATION
+    max_chunks_per_doc: StrictInt | None = MAX_CHUNKS_PER_DOC
+
+
+class Span(BaseModel):
+    """The window of a chunked passage that scored it: its position and characters."""
+
+    chunk: int = Field(description="Window number, from 0.")
+    start: int = Field(description="First character of the window in the passage.")
+    end: int = Field(description="One past its last character.")
 
 
 class RerankResult(BaseModel):
     index: int
     score: float
     passage: str | None = None
+    span: Span | None = Field(default=None, description="With long_passages chunk only.")
 
 
 class Usage(BaseModel):
-    pairs: int
+    pairs: int = Field(description="Passages scored.")
+    chunks: int = Field(description="Pairs sent to the model: windows with chunk, else pairs.")
     tokens: int
-    truncated: int
+    truncated: int = Field(description="Passages (or the query) with text left unscored.")
 
 
 class RerankResponse(BaseModel):
@@ -118,6 +150,12 @@ class CohereRerankRequest(BaseModel):
         description="(crossrank extension) an LLM reranker's instruction in place of its "
         "default (a 422 for a model whose prompt has none).",
     )
+    max_tokens_per_doc: StrictInt | None = Field(
+        default=None, ge=1, description="Cut each document to this many tokens first."
+    )
+    max_chunks_per_doc: StrictInt | None = MAX_CHUNKS_PER_DOC
+    long_passages: LongPassages | None = LONG_PASSAGES
+    chunk_aggregation: ChunkAggregation | None = CHUNK_AGGREGATION
 
 
 class CohereDocument(BaseModel):
@@ -128,6 +166,7 @@ class CohereResult(BaseModel):
     index: int
     relevance_score: float
     document: CohereDocument | None = None
+    span: Span | None = Field(default=None, description="With long_passages chunk only.")
 
 
 class CohereResponse(BaseModel):
@@ -154,6 +193,7 @@ class InfoResponse(BaseModel):
     calibration: dict[str, Any] | None = Field(
         default=None, description="crossrank.json's calibration: method, parameters, fit set."
     )
+    long_passages: dict[str, Any] = Field(description="The server's long-passage defaults.")
 
 
 class ReadyResponse(BaseModel):

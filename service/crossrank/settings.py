@@ -43,6 +43,22 @@ class Settings(BaseSettings):
         default=60_000, ge=1, description="Deadline of a request that sends no timeout_ms."
     )
 
+    # Long passages (per request too).
+    long_passages: Literal["truncate", "chunk"] = Field(
+        default="truncate",
+        description="A pair over max_length: cut the passage (truncate), or score overlapping "
+        "windows of it and aggregate (chunk).",
+    )
+    chunk_stride: int = Field(
+        default=32, ge=0, description="Passage tokens shared by consecutive windows (chunk)."
+    )
+    chunk_aggregation: Literal["max", "first", "mean"] = Field(
+        default="max", description="A chunked passage's score from its windows' logits."
+    )
+    max_chunks_per_doc: int = Field(
+        default=8, ge=1, description="Windows scored per passage at most (chunk), from its start."
+    )
+
     # Batcher.
     max_batch_tokens: int = Field(
         default=0,

@@ -45,6 +45,18 @@ class InstructionError(ValueError):
     """An instruction was given to a model whose input has no place for one."""
 
 
+class ChunkingError(ValueError):
+    """Chunking was asked of a model whose pairs cannot be cut into windows."""
+
+
+@dataclass(frozen=True, slots=True)
+class Chunking:
+    """Long passages as overlapping windows of passage tokens, each scored as its own pair."""
+
+    stride: int  # passage tokens shared by consecutive windows
+    max_chunks: int  # windows kept per passage, from its start
+
+
 @dataclass(frozen=True, slots=True)
 class EncodedPair:
     input_ids: np.ndarray  # int64, shape [length]
@@ -58,7 +70,11 @@ class EncodedPair:
 @dataclass(frozen=True, slots=True)
 class EncodedRequest:
     pairs: list[EncodedPair]
-    truncated: int  # pairs whose passage (or query) was cut
+    truncated: int  # passages (or the query) cut: text left out of every pair
+    # Chunked only: the passage of each pair (a passage's windows are consecutive, in order) and
+    # each window's passage characters [start, end).
+    owners: list[int] | None = None
+    spans: list[tuple[int, int]] | None = None
 
     @property
     def tokens(self) -> int:
@@ -71,16 +87,25 @@ class PairEncoder(Protocol):
     max_query_tokens: int
     max_length: int
 
+    @property
+    def min_window(self) -> int | None:
+        """Passage tokens a window holds beside the longest query; None: no chunking."""
+        ...
+
     def encode(
         self,
         query: str,
         passages: list[str],
         truncate: bool = True,
         instruction: str | None = None,
+        max_passage_tokens: int | None = None,
+        chunking: Chunking | None = None,
     ) -> EncodedRequest:
-        """One pair per passage. Blocking (Rust code that releases the GIL): call it off the
-        event loop. Raises QueryTooLongError / PassageTooLongError when ``truncate`` is false
-        and a cut is needed, InstructionError for an instruction the model has no place for."""
+        """One pair per passage (per window of a passage with ``chunking``), each passage first
+        cut to ``max_passage_tokens``. Blocking (Rust code that releases the GIL): call it off
+        the event loop. Raises QueryTooLongError / PassageTooLongError when ``truncate`` is
+        false and a cut is needed, InstructionError for an instruction the model has no place
+        for, ChunkingError for chunking a model cannot do."""
         ...
 
 
@@ -104,6 +129,31 @@ def _cut_query(tokenizer: Tokenizer, query: str, budget: int, truncate: bool) ->
     return query[:end], True
 
 
+def _cut_passages(
+    tokenizer: Tokenizer, passages: list[str], budget: int | None
+) -> tuple[list[str], list[bool]]:
+    """Each passage cut at the end of its ``budget``-th token (Cohere's max_tokens_per_doc)."""
+    if budget is None:
+        return passages, [False] * len(passages)
+    cut, flags = [], []
+    for passage, encoding in zip(
+        passages, tokenizer.encode_batch(passages, add_special_tokens=False), strict=True
+    ):
+        if len(encoding.ids) > budget:
+            cut.append(passage[: encoding.offsets[budget - 1][1]])
+            flags.append(True)
+        else:
+            cut.append(passage)
+            flags.append(False)
+    return cut, flags
+
+
+def _passage_span(encoding: Encoding) -> tuple[int, int]:
+    """The characters of the passage (the pair's second sequence) a window holds."""
+    offsets = [o for o, seq in zip(encoding.offsets, encoding.sequence_ids, strict=True) if seq]
+    return (offsets[0][0], offsets[-1][1]) if offsets else (0, 0)
+
+
 def _pair(encoding: Encoding) -> EncodedPair:
     return EncodedPair(
         np.asarray(encoding.ids, dtype=np.int64), np.asarray(encoding.type_ids, dtype=np.int64)
@@ -121,6 +171,16 @@ class PairTokenizer:
         self._pair_tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self._pair_tokenizer.no_padding()
         self._pair_tokenizer.enable_truncation(max_length, strategy="longest_first")
+        # Windows: the tokenizer's own overflow, cutting only the passage, on token boundaries.
+        self._window_tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self._window_tokenizer.no_padding()
+        self._window_stride: int | None = None
+
+    @property
+    def min_window(self) -> int | None:
+        processor = self._pair_tokenizer.post_processor
+        specials = processor.num_special_tokens_to_add(True) if processor else 0
+        return self.max_length - self.max_query_tokens - specials
 
     def encode(
         self,
@@ -128,11 +188,16 @@ class PairTokenizer:
         passages: list[str],
         truncate: bool = True,
         instruction: str | None = None,
+        max_passage_tokens: int | None = None,
+        chunking: Chunking | None = None,
     ) -> EncodedRequest:
         """Blocking (runs Rust code that releases the GIL): call it off the event loop."""
         if instruction is not None:
             raise InstructionError("this model's pairs take no instruction")
         query, query_cut = _cut_query(self._query_tokenizer, query, self.max_query_tokens, truncate)
+        passages, passage_cut = _cut_passages(self._query_tokenizer, passages, max_passage_tokens)
+        if chunking is not None:
+            return self._windows(query, query_cut, passages, passage_cut, chunking)
         # The query is tokenised again inside every pair. Assembling the pairs from one query
         # encoding instead (encode_batch over the passages alone, then Tokenizer.post_process per
         # pair for truncation and the template) was measured no faster: the per-pair Python call
@@ -146,10 +211,46 @@ class PairTokenizer:
                     full = self._full_length(query, passages[index])
                     raise PassageTooLongError(index, full, self.max_length)
                 truncated += 1
-            elif query_cut:
+            elif query_cut or passage_cut[index]:
                 truncated += 1
             pairs.append(_pair(enc))
         return EncodedRequest(pairs, truncated)
+
+    def _windows(
+        self,
+        query: str,
+        query_cut: bool,
+        passages: list[str],
+        passage_cut: list[bool],
+        chunking: Chunking,
+    ) -> EncodedRequest:
+        window = self.min_window or 0
+        if chunking.stride >= window:
+            # The tokenizer panics on it: a stride must leave each window new tokens.
+            raise ChunkingError(
+                f"a stride of {chunking.stride} tokens leaves no new tokens in a window of "
+                f"{window} passage tokens; use less than {window}"
+            )
+        if chunking.stride != self._window_stride:
+            # Tokenisation runs on one thread (the reranker's pool): setting it here is safe.
+            self._window_tokenizer.enable_truncation(
+                self.max_length, stride=chunking.stride, strategy="only_second"
+            )
+            self._window_stride = chunking.stride
+        pairs: list[EncodedPair] = []
+        owners: list[int] = []
+        spans: list[tuple[int, int]] = []
+        truncated = 0
+        encodings = self._window_tokenizer.encode_batch([(query, p) for p in passages])
+        for index, first in enumerate(encodings):
+            windows = [first, *first.overflowing]
+            if len(windows) > chunking.max_chunks or query_cut or passage_cut[index]:
+                truncated += 1
+            for window in windows[: chunking.max_chunks]:
+                pairs.append(_pair(window))
+                owners.append(index)
+                spans.append(_passage_span(window))
+        return EncodedRequest(pairs, truncated, owners, spans)
 
     def _full_length(self, query: str, passage: str) -> int:
         return len(self._query_tokenizer.encode(query, passage).ids)
@@ -182,17 +283,28 @@ class PromptTokenizer:
                 f"nothing of a passage fits in max_length {max_length}"
             )
 
+    @property
+    def min_window(self) -> int | None:
+        return None
+
     def encode(
         self,
         query: str,
         passages: list[str],
         truncate: bool = True,
         instruction: str | None = None,
+        max_passage_tokens: int | None = None,
+        chunking: Chunking | None = None,
     ) -> EncodedRequest:
         """Blocking (runs Rust code that releases the GIL): call it off the event loop."""
         if instruction is not None and not self.template.takes_instruction:
             raise InstructionError("this model's prompt template has no place for an instruction")
+        if chunking is not None:
+            raise ChunkingError(
+                "this model's pairs are one prompt text: long_passages chunk is not supported"
+            )
         query, query_cut = _cut_query(self._tokenizer, query, self.max_query_tokens, truncate)
+        passages, passage_cut = _cut_passages(self._tokenizer, passages, max_passage_tokens)
         head = self.template.head(query, instruction)
         encodings = self._tokenizer.encode_batch([self._text(head, p) for p in passages])
         pairs: list[EncodedPair] = []
@@ -203,7 +315,7 @@ class PromptTokenizer:
                     raise PassageTooLongError(index, len(enc.ids), self.max_length)
                 enc = self._cut_passage(index, head, passages[index], enc)
                 truncated += 1
-            elif query_cut:
+            elif query_cut or passage_cut[index]:
                 truncated += 1
             pairs.append(_pair(enc))
         return EncodedRequest(pairs, truncated)
