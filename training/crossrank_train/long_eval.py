@@ -1,0 +1,114 @@
+"""Long documents: nDCG@10 of a model directory re-ranking whole documents with truncate vs
+chunk (max, mean and first window), as the service scores them.
+
+``python -m crossrank_train.long_eval --model DIR --queries Q --qrels QRELS --corpus CORPUS
+--window 128`` re-ranks BM25's candidates over the corpus's full texts (title + text) with the
+model's pairs cut to ``--window`` tokens, so that documents longer than the window are common:
+truncate scores each document's first window only; chunk scores every window (``--stride``
+tokens of overlap, at most ``--max-chunks``) through the service's own tokenizer and aggregation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from crossrank.chunking import Aggregation, aggregate
+from crossrank.collate import pad_pairs
+from crossrank.engine import CPU, OnnxEngine, plan_session
+from crossrank.model_dir import load_model_dir
+from crossrank.tokenization import Chunking, PairTokenizer
+from crossrank_train.evaluate import evaluate, format_report, load_eval_set
+from crossrank_train.scoring import served_batches, served_limits
+
+
+class WindowScorer:
+    """A model directory's logits for (query, passage) pairs cut to ``window`` tokens, each
+    passage truncated (``aggregation`` None) or chunked and aggregated."""
+
+    def __init__(
+        self,
+        engine: OnnxEngine,
+        tokenizer: PairTokenizer,
+        name: str,
+        chunking: Chunking | None,
+        aggregation: Aggregation | None,
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.name = name
+        self.chunking = chunking
+        self.aggregation = aggregation
+        self.limits = served_limits()
+
+    def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
+        encoded = self.tokenizer.encode(query, list(passages), chunking=self.chunking)
+        pairs = encoded.pairs
+        logits = np.empty(len(pairs), dtype=np.float32)
+        for rows in served_batches([p.length for p in pairs], self.limits):
+            logits[rows] = self.engine.run(pad_pairs([pairs[i] for i in rows]))
+        if encoded.owners is None or self.aggregation is None:
+            return logits
+        return aggregate(logits, encoded.owners, len(passages), self.aggregation)[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m crossrank_train.long_eval", description=__doc__
+    )
+    parser.add_argument("--model", type=Path, required=True, help="model directory")
+    parser.add_argument("--variant", default="auto", help="auto: as on CPU")
+    parser.add_argument("--queries", type=Path, required=True)
+    parser.add_argument("--qrels", type=Path, required=True)
+    parser.add_argument("--corpus", type=Path, required=True)
+    parser.add_argument("--depth", type=int, default=20, help="BM25 candidates per query")
+    parser.add_argument("--max-queries", type=int, help="the first N judged queries")
+    parser.add_argument("--window", type=int, default=128, help="pair tokens (max_length)")
+    parser.add_argument("--stride", type=int, default=32, help="tokens shared by windows")
+    parser.add_argument("--max-chunks", type=int, default=8, help="windows per document")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+
+    model = load_model_dir(args.model)
+    variant = model.choose_variant(args.variant, "cpu")
+    engine = OnnxEngine(model.variant_path(variant), plan_session("cpu", [CPU]))
+    meta = model.metadata
+    window = min(args.window, meta.max_length)
+    tokenizer = PairTokenizer(model.tokenizer_path, meta.max_query_tokens, window)
+    chunking = Chunking(args.stride, args.max_chunks)
+    name = f"{meta.name} ({variant}, {window}-token window)"
+    scorers = [
+        WindowScorer(engine, tokenizer, f"{name} truncate", None, None),
+        *(
+            WindowScorer(engine, tokenizer, f"{name} chunk {how.value}", chunking, how)
+            for how in (Aggregation.MAX, Aggregation.MEAN, Aggregation.FIRST)
+        ),
+    ]
+    eval_set = load_eval_set(
+        queries=args.queries,
+        qrels=args.qrels,
+        corpus=args.corpus,
+        depth=args.depth,
+        max_queries=args.max_queries,
+    )
+    candidates = sum(len(ranked) for ranked in eval_set.candidates.values())
+    cut = sum(
+        tokenizer.encode(query, [eval_set.corpus[p] for p in eval_set.candidates[qid]]).truncated
+        for qid, query in eval_set.queries.items()
+    )
+    print(
+        f"{len(eval_set.queries)} queries, {candidates} candidates; truncate cuts {cut} "
+        f"({cut / candidates:.0%}) to the {window}-token window (chunk: stride {args.stride}, "
+        f"at most {args.max_chunks} windows)"
+    )
+    print(format_report(evaluate(scorers, eval_set)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
