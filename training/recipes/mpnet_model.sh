@@ -44,10 +44,13 @@ blend)  # every term of the step-0 network on the dev sets, then the grid and th
     --parts "$WORK/parts-nq-train.npz" --out "$WORK/blend-nq-train.json"
   $PY -m crossrank_train.blend --combine "$WORK/blend-wikiqa-dev.json" \
     "$WORK/blend-nq-train.json" ;;
-init)  # the step-0 large tier, weighted as the blend rule picked
-  # shellcheck disable=SC2086  # IDF is a list of flags
+init)  # the step-0 large tier, weighted as the blend rule picked (written here by hand from
+  # its --combine table: change both together): the cosine alone, MaxSim and exact matching
+  # lost on the cut dev sets (docs/model.md); BLEND="--maxsim-scale 10 --maxsim-idf
+  # --lexical-scale 2 $IDF" builds the default model's blend instead
+  # shellcheck disable=SC2086  # BLEND is a list of flags
   $PY -m crossrank_train.gated_mpnet --bi-encoder "$WORK/base" --out "$WORK/init" \
-    --cosine-scale 10 --maxsim-scale 10 --maxsim-idf --lexical-scale 2 $IDF ;;
+    --cosine-scale 10 ${BLEND:-} ;;
 export)  # fp16 for GPUs, int8 for CPUs, each admitted by the agreement gate on a TREC DL sample
   $CR export --model "$WORK/init" --out "$MODEL" --name "$NAME" --variants fp32 int8 fp16 \
     --ship int8 fp16 --max-length 256 --max-query-tokens 64 \
