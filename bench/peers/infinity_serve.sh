@@ -2,6 +2,7 @@
 # Serves a local Hugging Face cross-encoder checkpoint with Infinity (torch, CPU, fp32), offline,
 # in the foreground: `exec`s the server so that a harness can Popen it and SIGTERM it.
 # Usage: bench/peers/infinity_serve.sh MODEL_DIR PORT [extra infinity_emb v2 flags...]
+# INFINITY_PEER_ENGINE=optimum serves an ONNX file at MODEL_DIR's top level instead (see below).
 # Ready when GET http://HOST:PORT/health answers 200 (the port opens only after the model is loaded).
 # Rerank: POST /rerank {"query": str, "documents": [str], "raw_scores": bool, "top_n": int?}
 # Env knobs: INFINITY_PEER_DEVICE (cpu), INFINITY_PEER_DTYPE (float32), INFINITY_PEER_HOST (127.0.0.1), OMP_NUM_THREADS (2), INFINITY_PEER_BATCH_SIZE (32),
@@ -35,8 +36,19 @@ export MKL_NUM_THREADS="${MKL_NUM_THREADS:-$OMP_NUM_THREADS}"
 
 if [[ "${INFINITY_PEER_WARMUP:-0}" == 1 ]]; then WARMUP=--model-warmup; else WARMUP=--no-model-warmup; fi
 
+MODEL_ID="$MODEL_DIR"
+if [[ "${INFINITY_PEER_ENGINE:-torch}" == optimum ]]; then
+    # The optimum engine serves an ONNX file of the directory (one with "quantize" in its name
+    # first, on CPU). Infinity 0.0.78 finds it by globbing the directory and hands optimum 2.x
+    # that path, which optimum matches against bare file names only: given an absolute or
+    # relative directory it fails ("Could not find any ONNX files with target file name
+    # /dir/model.onnx"). From inside the directory, as ".", the glob yields bare names.
+    cd "$MODEL_DIR"
+    MODEL_ID=.
+fi
+
 exec "$VENV/bin/infinity_emb" v2 \
-    --model-id "$MODEL_DIR" \
+    --model-id "$MODEL_ID" \
     --served-model-name "$(basename "$MODEL_DIR")" \
     --engine "${INFINITY_PEER_ENGINE:-torch}" \
     --device "${INFINITY_PEER_DEVICE:-cpu}" \

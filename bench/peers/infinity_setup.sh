@@ -12,7 +12,9 @@ MARKER="$VENV/.infinity-setup-complete"
 # infinity-emb[server,torch] 0.0.78 and its whole dependency closure, pinned exactly as verified
 # together (python 3.11, 2-core CPU box). torch 2.13.0 resolves to the local +cpu wheel here.
 # infinity-emb caps sentence-transformers <4 (hence transformers 4.x) and numpy <2.
-# optimum is deliberately left out: BetterTransformer is gone from optimum >= 2 and is not used.
+# optimum[onnxruntime] (2.1.0, what infinity-emb's `optimum` extra resolves to beside transformers
+# 4.57) for its optimum engine: optimum 1.x wants transformers < 4.43. BetterTransformer is gone
+# from optimum >= 2 and is not used.
 PINS=$(cat <<'PINS_EOF'
 infinity-emb[server,torch]==0.0.78
 torch==2.13.0
@@ -76,6 +78,13 @@ networkx==3.6.1
 sympy==1.14.0
 mpmath==1.3.0
 cloudpickle==3.1.2
+optimum[onnxruntime]==2.1.0
+optimum-onnx==0.1.0
+onnxruntime==1.32.0
+onnx==1.23.2
+ml-dtypes==0.5.4
+protobuf==7.36.2
+flatbuffers==25.12.19
 PINS_EOF
 )
 STAMP=$(printf '%s\n' "$PINS" | sha256sum | cut -c1-16)

@@ -9,9 +9,13 @@ Writes ``onnx/model.onnx`` (optimum's export), ``onnx/model_O3.onnx``
 (``export_optimized_onnx_model``, level O3: the fusions and GELU approximation meant for CPUs),
 ``onnx/model_qint8_<arch>.onnx`` (``export_dynamic_quantized_onnx_model``, the configuration of
 this CPU's instruction set: avx512_vnni, avx512 or avx2) and ``openvino/openvino_model.xml``
-(``backend="openvino"``). The static (calibrated) OpenVINO int8 export,
-``export_static_quantized_openvino_model``, calibrates on a Hugging Face dataset by name; this
-machine reaches no dataset hub, so it is tried and its error printed, not worked around.
+(``backend="openvino"``); with ``--calibration DIR`` also
+``openvino/openvino_model_qint8_quantized.xml``, the static (calibrated) OpenVINO int8 export
+(``export_static_quantized_openvino_model``, which needs the ``datasets`` package). It calibrates
+on a dataset by name, by default GLUE SST-2 from the Hugging Face hub, which this machine cannot
+reach; ``DIR`` is a local folder that ``datasets.load_dataset`` reads instead, holding a
+``train.jsonl`` with a ``text`` field (bench/README.md: 300 TREC DL passages). sentence-transformers
+calibrates a cross-encoder on single texts padded to 384 tokens, not on pairs.
 
 The source must be the Hugging Face checkpoint (config.json, weights): given a crossrank model
 directory (crossrank.json, model.onnx, no config.json) sentence-transformers fails in
@@ -48,6 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("checkpoint", type=Path, help="a Hugging Face cross-encoder directory")
     parser.add_argument("out", type=Path, help="the copy that receives the exports")
+    parser.add_argument("--calibration", type=Path, help="a local dataset folder (train.jsonl)")
     args = parser.parse_args()
     shutil.copytree(args.checkpoint, args.out, dirs_exist_ok=True)
     out = str(args.out)
@@ -59,10 +64,16 @@ def main() -> None:
 
     openvino_model = CrossEncoder(out, backend="openvino", local_files_only=True)
     openvino_model.save_pretrained(out)  # openvino/openvino_model.xml
-    try:
-        export_static_quantized_openvino_model(openvino_model, None, out)
-    except Exception as exc:  # the calibration set lives on the Hugging Face hub
-        print(f"static int8 OpenVINO export failed: {type(exc).__name__}: {exc}")
+    if args.calibration:
+        export_static_quantized_openvino_model(
+            openvino_model,
+            None,
+            out,
+            dataset_name=str(args.calibration),
+            dataset_config_name="default",
+            dataset_split="train",
+            column_name="text",
+        )
     for file in sorted(args.out.rglob("*")):
         if file.suffix in (".onnx", ".xml"):
             print(file.relative_to(args.out), f"{file.stat().st_size / 1e6:.1f} MB")
