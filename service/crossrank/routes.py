@@ -23,6 +23,7 @@ from crossrank.schemas import (
     ReadyResponse,
     RerankRequest,
     RerankResponse,
+    document_texts,
     error_responses,
 )
 
@@ -83,11 +84,12 @@ async def _until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
 async def rerank(body: RerankRequest, request: Request) -> Response:
     service = _service(request)
     reranker = service.require_ready()
+    texts = document_texts(body.passages, body.rank_fields, "passages")
     ranked = await _until_disconnect(
         request,
         reranker.score(
             body.query,
-            body.passages,
+            texts,
             raw_scores=body.raw_scores,
             truncate=body.truncate,
             timeout_ms=body.timeout_ms,
@@ -104,7 +106,7 @@ async def rerank(body: RerankRequest, request: Request) -> Response:
     for i, score in ranked.best(body.top_k, body.min_score):
         result: dict[str, object] = {"index": i, "score": score}
         if body.return_passages:
-            result["passage"] = body.passages[i]
+            result["passage"] = texts[i]
         if ranked.spans is not None:
             result["span"] = ranked.span(i)
         results.append(result)
@@ -133,8 +135,8 @@ async def rerank(body: RerankRequest, request: Request) -> Response:
 )
 async def cohere_rerank(body: CohereRerankRequest, request: Request) -> Response:
     service = _service(request)
-    texts = body.documents
     reranker = service.require_ready()
+    texts = document_texts(body.documents, body.rank_fields, "documents")
     ranked = await _until_disconnect(
         request,
         reranker.score(
@@ -157,7 +159,8 @@ async def cohere_rerank(body: CohereRerankRequest, request: Request) -> Response
     for i, score in ranked.best(body.top_n, body.min_score):
         result: dict[str, object] = {"index": i, "relevance_score": score}
         if body.return_documents:
-            result["document"] = {"text": texts[i]}
+            document = body.documents[i]
+            result["document"] = {"text": document} if isinstance(document, str) else document
         if ranked.spans is not None:
             result["span"] = ranked.span(i)
         results.append(result)

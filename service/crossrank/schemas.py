@@ -7,16 +7,17 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
+    WithJsonSchema,
 )
 
-from crossrank.errors import STATUS, ErrorType
+from crossrank.errors import STATUS, ErrorType, invalid
 
 
 def _text(value: str) -> str:
@@ -52,23 +53,71 @@ MAX_CHUNKS_PER_DOC = Field(
 )
 
 
-def _document_text(value: object) -> object:
-    """Cohere and Jina accept a document as a string or as ``{"text": ...}``."""
-    if isinstance(value, dict) and "text" in value:
-        return value["text"]
-    return value
+def _document(value: object) -> str | dict[str, Any]:
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, dict):
+        # Its fields are checked against rank_fields by document_texts, which names them.
+        return value
+    raise ValueError("must be a string or an object of fields")
 
 
-DocumentText = Annotated[Text, BeforeValidator(_document_text)]
+# A passage as text, or (as Cohere and Jina accept) an object: {"text": ...} or fields named
+# by rank_fields.
+Document = Annotated[
+    str | dict[str, Any],
+    PlainValidator(_document),
+    WithJsonSchema({"anyOf": [{"type": "string", "minLength": 1}, {"type": "object"}]}),
+]
+RankFields = list[Annotated[StrictStr, Field(min_length=1)]] | None
+RANK_FIELDS = Field(
+    default=None,
+    min_length=1,
+    description="Object documents: these fields, in this order, each as 'field: value' on its "
+    "own line, make the passage text (without it an object's text is its 'text').",
+)
+
+
+def _field_text(document: dict[str, Any], name: str, where: str) -> str:
+    field = f"{where}.{name}"
+    if name not in document:
+        raise invalid(f"{where} has no field {name!r}", field)
+    value = document[name]
+    if not isinstance(value, str):
+        raise invalid(f"{field} is a {type(value).__name__}, not a string", field)
+    try:
+        return _text(value)
+    except ValueError as exc:
+        raise invalid(f"{field} {exc}", field) from None
+
+
+def document_texts(
+    documents: list[str | dict[str, Any]], rank_fields: list[str] | None, field: str
+) -> list[str]:
+    """The text scored for each document; a 422 naming the document and field at fault."""
+    texts = []
+    for index, document in enumerate(documents):
+        where = f"{field}[{index}]"
+        if isinstance(document, str):
+            texts.append(document)
+        elif rank_fields is None:
+            texts.append(_field_text(document, "text", where))
+        else:
+            lines = [f"{name}: {_field_text(document, name, where)}" for name in rank_fields]
+            texts.append("\n".join(lines))
+    return texts
 
 
 class RerankRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     query: Text
-    passages: list[Text] = Field(
-        min_length=1, description="Candidates to score, 1 to the server's max_passages (1,000)."
+    passages: list[Document] = Field(
+        min_length=1,
+        description="Candidates to score, 1 to the server's max_passages (1,000): strings, or "
+        "objects with rank_fields.",
     )
+    rank_fields: RankFields = RANK_FIELDS
     top_k: StrictInt | None = Field(default=None, ge=1, description="Return only the best k.")
     return_passages: StrictBool = False
     raw_scores: StrictBool = Field(
@@ -137,7 +186,8 @@ class CohereRerankRequest(BaseModel):
 
     model: StrictStr | None = None
     query: Text
-    documents: list[DocumentText] = Field(min_length=1)
+    documents: list[Document] = Field(min_length=1)
+    rank_fields: RankFields = RANK_FIELDS
     top_n: StrictInt | None = Field(default=None, ge=1)
     return_documents: StrictBool = False
     min_score: StrictFloat | None = Field(
@@ -158,14 +208,12 @@ class CohereRerankRequest(BaseModel):
     chunk_aggregation: ChunkAggregation | None = CHUNK_AGGREGATION
 
 
-class CohereDocument(BaseModel):
-    text: str
-
-
 class CohereResult(BaseModel):
     index: int
     relevance_score: float
-    document: CohereDocument | None = None
+    document: dict[str, Any] | None = Field(
+        default=None, description="{text} for a string document, else the object sent."
+    )
     span: Span | None = Field(default=None, description="With long_passages chunk only.")
 
 
