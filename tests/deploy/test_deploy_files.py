@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from crossrank.metrics import Metrics
 from crossrank.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -224,3 +225,20 @@ def test_dashboard_follows_grafana_conventions() -> None:
 def test_deploy_scripts_are_shellcheck_clean(script: Path) -> None:
     result = run(tool("shellcheck"), script)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def exported_metrics() -> set[str]:
+    """Every metric family the service exports, as Prometheus names its series' base."""
+    names = set()
+    for family in Metrics().registry.collect():
+        suffix = {"counter": "_total", "info": "_info"}.get(family.type, "")
+        names.add(family.name + suffix)
+    return names
+
+
+def test_every_metric_is_documented_and_on_the_dashboard() -> None:
+    metrics_section = (ROOT / "README.md").read_text().split("## Metrics", 1)[1].split("\n## ")[0]
+    dashboard = DASHBOARD.read_text()
+    for name in exported_metrics():
+        assert f"`{name.removeprefix('crossrank_')}" in metrics_section, f"README: {name}"
+        assert name in dashboard, f"no dashboard panel shows {name}"
