@@ -19,6 +19,7 @@ from crossrank.metrics import Metrics
 from crossrank.model_dir import Activation, ModelDir, load_model_dir
 from crossrank.reranker import LongPassages, Reranker
 from crossrank.scheduling import AUTO_BATCH_TOKENS, BatchLimits
+from crossrank.score_cache import ScoreCache
 from crossrank.settings import Settings
 from crossrank.tokenization import EncodedPair, load_pair_encoder
 from crossrank.variant_choice import EngineFactory, load_variant, read_cpu_flags
@@ -124,6 +125,13 @@ class Service:
             calibration=meta.calibration,
             max_passages=s.max_passages,
             default_timeout_ms=s.default_timeout_ms,
+            cache=(
+                ScoreCache(
+                    s.score_cache_bytes, f"{meta.name}|{variant}|{meta.max_length}", self.metrics
+                )
+                if s.score_cache_bytes
+                else None
+            ),
             long_passages=LongPassages(
                 s.long_passages == "chunk",
                 s.chunk_stride,
@@ -215,6 +223,7 @@ class Service:
             "calibrated": calibration is not None,
             "score": score,
             "calibration": calibration.model_dump(mode="json") if calibration else None,
+            "score_cache_bytes": self.settings.score_cache_bytes,
             "long_passages": {
                 "default": self.settings.long_passages,
                 "chunk_stride": self.settings.chunk_stride,

@@ -143,6 +143,24 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.score_cache_hits = Counter(
+            "crossrank_score_cache_hits",
+            "Pairs answered by the score cache (never queued).",
+            registry=r,
+        )
+        self.score_cache_misses = Counter(
+            "crossrank_score_cache_misses",
+            "Pairs the score cache did not hold (queued and scored).",
+            registry=r,
+        )
+        self.score_cache_bytes = Gauge(
+            "crossrank_score_cache_bytes", "Memory held by the score cache's entries.", registry=r
+        )
+        self.score_cache_capacity = Gauge(
+            "crossrank_score_cache_capacity_bytes",
+            "The score cache's bound (score_cache_bytes; 0: no cache).",
+            registry=r,
+        )
         self.engine_failures = Counter(
             "crossrank_engine_failures", "Batches whose inference raised.", registry=r
         )

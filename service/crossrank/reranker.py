@@ -17,6 +17,7 @@ from crossrank.errors import ErrorType, ServiceError, invalid
 from crossrank.metrics import Metrics
 from crossrank.model_dir import Activation, Calibration
 from crossrank.request_context import current
+from crossrank.score_cache import ScoreCache
 from crossrank.tokenization import (
     Chunking,
     ChunkingError,
@@ -94,6 +95,7 @@ class Reranker:
         max_passages: int,
         default_timeout_ms: int,
         long_passages: LongPassages,
+        cache: ScoreCache | None = None,
     ) -> None:
         self._tokenizer = tokenizer
         self._batcher = batcher
@@ -103,6 +105,7 @@ class Reranker:
         self._max_passages = max_passages
         self._default_timeout_ms = default_timeout_ms
         self.long_passages = long_passages
+        self._cache = cache
         # Tokenisation runs beside inference: its own thread, so it never queues behind a batch.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crossrank-tokenize")
 
@@ -150,6 +153,25 @@ class Reranker:
             ) from None
         self._metrics.tokenization.observe(time.monotonic() - started)
         return encoded
+
+    async def _cached(
+        self, encoded: EncodedRequest
+    ) -> tuple[list[bytes] | None, np.ndarray, list[int]]:
+        """The pairs' keys, their logits (the cache's, where it has them) and the positions
+        the cache does not answer."""
+        logits = np.zeros(len(encoded.pairs), dtype=np.float32)
+        if self._cache is None:
+            return None, logits, list(range(len(encoded.pairs)))
+        keys = await asyncio.get_running_loop().run_in_executor(
+            self._pool, self._cache.keys, encoded.pairs
+        )
+        missing = []
+        for i, logit in enumerate(self._cache.get(keys)):
+            if logit is None:
+                missing.append(i)
+            else:
+                logits[i] = logit
+        return keys, logits, missing
 
     def scores(self, logits: np.ndarray, raw_scores: bool) -> np.ndarray:
         """What a client sees: the logit when asked for it, else the calibrated probability,
@@ -212,14 +234,20 @@ class Reranker:
                     "or a lower max_chunks_per_doc",
                     passages_field,
                 )
-            self._batcher.release(reservation, bound - len(encoded.pairs))
+            keys, logits, missing = await self._cached(encoded)
+            # The room of pairs the cache answered (and of windows never cut) is given back:
+            # only the misses are queued.
+            self._batcher.release(reservation, bound - len(missing))
             timeout_s = (timeout_ms or self._default_timeout_ms) / 1000
             remaining = timeout_s - (time.monotonic() - arrived)
             if remaining <= 0:
                 raise ServiceError(
                     ErrorType.DEADLINE_EXCEEDED, "the request's deadline passed during tokenisation"
                 )
-            ticket = self._batcher.admit(reservation, encoded.pairs, remaining)
+            ticket = None
+            if missing:
+                queued = [encoded.pairs[i] for i in missing]
+                ticket = self._batcher.admit(reservation, queued, remaining)
         except BaseException:
             # Refused, failed or cancelled before it was queued: nothing holds its room.
             self._batcher.release(reservation)
@@ -228,15 +256,19 @@ class Reranker:
         if record is not None:
             record.passages = len(passages)
             record.tokens = encoded.tokens
-        self._metrics.inflight_requests.inc()
-        try:
-            logits = await self._batcher.wait(ticket)
-        finally:
-            self._metrics.inflight_requests.dec()
-        if record is not None:
-            queued_s, inference_s = ticket.timings()
-            record.queue_ms = 1000 * queued_s
-            record.inference_ms = 1000 * inference_s
+        if ticket is not None:
+            self._metrics.inflight_requests.inc()
+            try:
+                scored = await self._batcher.wait(ticket)
+            finally:
+                self._metrics.inflight_requests.dec()
+            logits[missing] = scored
+            if self._cache is not None and keys is not None:
+                self._cache.put([keys[i] for i in missing], scored.tolist())
+            if record is not None:
+                queued_s, inference_s = ticket.timings()
+                record.queue_ms = 1000 * queued_s
+                record.inference_ms = 1000 * inference_s
         spans = None
         if encoded.owners is not None and encoded.spans is not None:
             logits, best = aggregate(

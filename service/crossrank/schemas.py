@@ -241,6 +241,7 @@ class InfoResponse(BaseModel):
     calibration: dict[str, Any] | None = Field(
         default=None, description="crossrank.json's calibration: method, parameters, fit set."
     )
+    score_cache_bytes: int = Field(description="The score cache's bound; 0: no cache.")
     long_passages: dict[str, Any] = Field(description="The server's long-passage defaults.")
 
 

@@ -43,6 +43,12 @@ class Settings(BaseSettings):
         default=60_000, ge=1, description="Deadline of a request that sends no timeout_ms."
     )
 
+    score_cache_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="Bound of the in-process LRU cache of pair logits, in bytes; 0 = no cache.",
+    )
+
     # Long passages (per request too).
     long_passages: Literal["truncate", "chunk"] = Field(
         default="truncate",
