@@ -44,16 +44,32 @@ class WindowScorer:
         self.chunking = chunking
         self.aggregation = aggregation
         self.limits = served_limits()
+        # Window logits by request (evaluate runs one scorer over every query, then the next):
+        # the aggregations of one chunking score the windows once.
+        self.memo: dict[tuple[str, tuple[str, ...]], tuple[np.ndarray, list[int] | None]] = {}
+
+    def windows(self, query: str, passages: Sequence[str]) -> tuple[np.ndarray, list[int] | None]:
+        key = (query, tuple(passages))
+        if key not in self.memo:
+            encoded = self.tokenizer.encode(query, list(passages), chunking=self.chunking)
+            pairs = encoded.pairs
+            logits = np.empty(len(pairs), dtype=np.float32)
+            for rows in served_batches([p.length for p in pairs], self.limits):
+                logits[rows] = self.engine.run(pad_pairs([pairs[i] for i in rows]))
+            self.memo[key] = (logits, encoded.owners)
+        return self.memo[key]
 
     def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
-        encoded = self.tokenizer.encode(query, list(passages), chunking=self.chunking)
-        pairs = encoded.pairs
-        logits = np.empty(len(pairs), dtype=np.float32)
-        for rows in served_batches([p.length for p in pairs], self.limits):
-            logits[rows] = self.engine.run(pad_pairs([pairs[i] for i in rows]))
-        if encoded.owners is None or self.aggregation is None:
+        logits, owners = self.windows(query, passages)
+        if owners is None or self.aggregation is None:
             return logits
-        return aggregate(logits, encoded.owners, len(passages), self.aggregation)[0]
+        return aggregate(logits, owners, len(passages), self.aggregation)[0]
+
+    def aggregated(self, aggregation: Aggregation, name: str) -> WindowScorer:
+        """The same windows (scored once, shared), another aggregation."""
+        other = WindowScorer(self.engine, self.tokenizer, name, self.chunking, aggregation)
+        other.memo = self.memo
+        return other
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,11 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = PairTokenizer(model.tokenizer_path, meta.max_query_tokens, window)
     chunking = Chunking(args.stride, args.max_chunks)
     name = f"{meta.name} ({variant}, {window}-token window)"
+    chunked = WindowScorer(engine, tokenizer, f"{name} chunk max", chunking, Aggregation.MAX)
     scorers = [
         WindowScorer(engine, tokenizer, f"{name} truncate", None, None),
+        chunked,
         *(
-            WindowScorer(engine, tokenizer, f"{name} chunk {how.value}", chunking, how)
-            for how in (Aggregation.MAX, Aggregation.MEAN, Aggregation.FIRST)
+            chunked.aggregated(how, f"{name} chunk {how.value}")
+            for how in (Aggregation.MEAN, Aggregation.FIRST)
         ),
     ]
     eval_set = load_eval_set(
