@@ -8,7 +8,7 @@
 #   STEP: any of fetch blend init export eval scifact classic distill (default: fetch blend init
 #   export eval)
 # The dev and eval sets are cut to what a shared 2-core CPU scores in the time given (the MPNet
-# network scored 0.2-0.7 pairs/s there): WikiQA dev's first 40 queries and NQ/QED train's first
+# network scored 0.07-0.3 pairs/s there): WikiQA dev's first 40 queries and NQ/QED train's first
 # 20 (BM25 top 10) pick the blend, and TREC DL 2021 is re-ranked from BM25's top $DEPTH (20) for
 # every system. On a GPU or a quiet machine, DEPTH=100 and the default recipe's four dev sets apply.
 # The blend the init step builds is the one the blend rule picked (docs/model.md; change both
