@@ -72,8 +72,7 @@ class Ranked:
         ``min_score``, best first."""
         order = self.order.tolist()
         if min_score is not None:
-            # Scores fall along the order (they are monotone in the logits ranked by), so the
-            # passing ones are a prefix; filtering by value keeps this true for any map.
+            # Scores are monotone in the logits ranked by: the passing ones are a prefix.
             order = [i for i in order if self.scores[i] >= min_score]
         return [(index, float(self.scores[index])) for index in order[:limit]]
 
