@@ -49,6 +49,8 @@ PANELS_WITH_DATA = {
     "Dropped pairs by reason",
     "Engine failures and stalls",
     "Authentication failures by reason",
+    "Score cache hit ratio",
+    "Score cache size vs its bound",
 }
 
 
@@ -195,6 +197,7 @@ def scraped(
         max_passages=8,
         max_body_bytes=4096,
         api_keys=API_KEY,  # /metrics stays open to Prometheus (metrics_require_key is off)
+        score_cache_bytes=1 << 20,  # the traffic repeats requests: the cache panels have data
     ) as srv:
         srv.wait_ready()
         config = adapted_config(srv.url.removeprefix("http://"), folder)
@@ -244,6 +247,7 @@ def test_dashboard_shows_the_traffic_that_happened(
     assert rejected["queue_full"] > 0 and rejected["invalid"] > 0 and rejected["too_large"] > 0
     assert rejected["not_ready"] == 0
     assert series("Authentication failures by reason", "reason")["missing"] > 0
+    assert 0 < series("Score cache hit ratio", "")[""] < 1
     assert series("Dropped pairs by reason", "reason")["deadline"] > 0
     statuses = series("Requests/s by status", "status")
     assert all(statuses[s] > 0 for s in ("200", "401", "413", "422", "503", "504"))
