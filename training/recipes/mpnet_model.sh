@@ -4,7 +4,7 @@
 # Usage: training/recipes/mpnet_model.sh DATA_DIR WORK_DIR [STEP...]
 #   DATA_DIR: the shared relevance data (../shared/data from the project root)
 #   WORK_DIR: base weights, checkpoints, the model directory and reports (not the repo: the
-#   model directory alone is ~ 330 MB, and the weights come from a third-party repackaging)
+#   model directory alone is ~ 650 MB, and the weights come from a third-party repackaging)
 #   STEP: any of fetch blend init export eval scifact classic distill (default: fetch blend init
 #   export eval)
 # The dev and eval sets are cut to what a shared 2-core CPU scores in the time given (the MPNet
