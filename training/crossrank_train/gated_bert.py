@@ -37,6 +37,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     BertConfig,
     BertModel,
+    PretrainedConfig,
     PreTrainedModel,
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
@@ -405,6 +407,48 @@ AutoConfig.register(GatedBertConfig.model_type, GatedBertConfig)
 AutoModelForSequenceClassification.register(GatedBertConfig, GatedBertForRanking)
 
 
+def ranking_config(
+    config_class: type[PretrainedConfig],
+    source_config: PretrainedConfig,
+    model_class: type[nn.Module],
+    *,
+    cosine_scale: float,
+    maxsim_scale: float,
+    maxsim_idf: bool,
+    lexical_scale: float,
+    idf: tuple[torch.Tensor, float] | None,
+    bm25: BM25Params | None,
+) -> tuple[Any, torch.Tensor | None]:
+    """A gated network's config over its bi-encoder's (any family), and the IDF table its terms
+    need (None when no term uses one), checked against the vocabulary."""
+    bm25 = bm25 or BM25Params()
+    config = config_class(
+        cosine_scale=cosine_scale,
+        maxsim_scale=maxsim_scale,
+        maxsim_idf=maxsim_idf,
+        lexical_scale=lexical_scale,
+        lexical_k1=bm25.k1,
+        lexical_b=bm25.b,
+        **source_config.to_dict(),
+    )
+    table = None
+    if config.uses_idf:
+        if idf is None:
+            raise ValueError("the lexical term and IDF-weighted MaxSim need an IDF table")
+        table, config.lexical_avg_length = idf
+        if table.shape != (config.vocab_size,):
+            raise ValueError(f"IDF table of {table.shape} for a vocabulary of {config.vocab_size}")
+    config.architectures = [model_class.__name__]
+    return config, table
+
+
+def load_encoder_weights(encoder: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """The bi-encoder's weights into the gated encoder: only the new gates may be left out."""
+    missing, unexpected = encoder.load_state_dict(weights, strict=False)
+    if unexpected or any("cross_gate" not in name for name in missing):
+        raise RuntimeError(f"weights did not map: missing {missing}, unexpected {unexpected}")
+
+
 def from_bi_encoder(
     bert_dir: str | Path,
     cosine_scale: float = 20.0,
@@ -420,28 +464,19 @@ def from_bi_encoder(
     exact term matching (BM25 with ``bm25``'s k1 and b). ``idf`` (from ``term_idf``: the table
     and the mean passage length) is needed by the lexical term and by IDF-weighted MaxSim."""
     source = BertModel.from_pretrained(str(bert_dir), add_pooling_layer=False)
-    bm25 = bm25 or BM25Params()
-    config = GatedBertConfig(
+    config, table = ranking_config(
+        GatedBertConfig,
+        source.config,
+        GatedBertForRanking,
         cosine_scale=cosine_scale,
         maxsim_scale=maxsim_scale,
         maxsim_idf=maxsim_idf,
         lexical_scale=lexical_scale,
-        lexical_k1=bm25.k1,
-        lexical_b=bm25.b,
-        **source.config.to_dict(),
+        idf=idf,
+        bm25=bm25,
     )
-    table = None
-    if config.uses_idf:
-        if idf is None:
-            raise ValueError("the lexical term and IDF-weighted MaxSim need an IDF table")
-        table, config.lexical_avg_length = idf
-        if table.shape != (config.vocab_size,):
-            raise ValueError(f"IDF table of {table.shape} for a vocabulary of {config.vocab_size}")
-    config.architectures = [GatedBertForRanking.__name__]
     model = GatedBertForRanking(config)
-    missing, unexpected = model.bert.load_state_dict(source.state_dict(), strict=False)
-    if unexpected or any("cross_gate" not in name for name in missing):
-        raise RuntimeError(f"weights did not map: missing {missing}, unexpected {unexpected}")
+    load_encoder_weights(model.bert, source.state_dict())
     with torch.no_grad():
         # The bi-encoder only ever saw segment 0: the passage starts with the same embedding.
         types = model.bert.embeddings.token_type_embeddings.weight

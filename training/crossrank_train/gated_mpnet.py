@@ -37,6 +37,8 @@ from crossrank_train.gated_bert import (
     GatedBertForRanking,
     RankingTermsConfig,
     attention_biases,
+    load_encoder_weights,
+    ranking_config,
     segment_positions,
 )
 from crossrank_train.gated_bert import main as gated_main
@@ -185,32 +187,23 @@ def from_bi_encoder(
 ) -> GatedMPNetForRanking:
     """gated_bert.from_bi_encoder for an MPNet bi-encoder (mean pooling, cosine)."""
     source = MPNetModel.from_pretrained(str(mpnet_dir), add_pooling_layer=False)
-    bm25 = bm25 or BM25Params()
-    config = GatedMPNetConfig(
+    config, table = ranking_config(
+        GatedMPNetConfig,
+        source.config,
+        GatedMPNetForRanking,
         cosine_scale=cosine_scale,
         maxsim_scale=maxsim_scale,
         maxsim_idf=maxsim_idf,
         lexical_scale=lexical_scale,
-        lexical_k1=bm25.k1,
-        lexical_b=bm25.b,
-        **source.config.to_dict(),
+        idf=idf,
+        bm25=bm25,
     )
-    table = None
-    if config.uses_idf:
-        if idf is None:
-            raise ValueError("the lexical term and IDF-weighted MaxSim need an IDF table")
-        table, config.lexical_avg_length = idf
-        if table.shape != (config.vocab_size,):
-            raise ValueError(f"IDF table of {table.shape} for a vocabulary of {config.vocab_size}")
-    config.architectures = [GatedMPNetForRanking.__name__]
     model = GatedMPNetForRanking(config)
     weights = {
         name.replace(".attention.attn.", ".attention.self."): value
         for name, value in source.state_dict().items()
     }
-    missing, unexpected = model.bert.load_state_dict(weights, strict=False)
-    if unexpected or any("cross_gate" not in name for name in missing):
-        raise RuntimeError(f"weights did not map: missing {missing}, unexpected {unexpected}")
+    load_encoder_weights(model.bert, weights)
     if table is not None:
         with torch.no_grad():
             model.idf.copy_(table)
