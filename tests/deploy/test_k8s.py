@@ -52,6 +52,8 @@ def kustomize_command() -> list[str]:
         return [kubectl, "kustomize"]
     if kustomize := shutil.which("kustomize"):
         return [kustomize, "build"]
+    # Skipped, not failed: kubectl comes with the machine image and CI has it; only a machine
+    # without either tool lands here, where the rest of `make test` must still run (issue 15).
     pytest.skip("neither kubectl nor kustomize is installed: the manifests cannot be built")
 
 
