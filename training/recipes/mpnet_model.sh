@@ -84,10 +84,11 @@ classic)  # zero-shot, as default_model.sh's classic step
     --corpus "$DATA/cisi/CISI.ALL.gz" --model "$MODEL" --model models/crossrank-minilm-l6 \
     --bi-encoder "$WORK/base" --out "$WORK/eval-cisi.json" ;;
 distill)  # the large tier's step 0 teaches the default's step 0 (LCE + MarginMSE, gates free)
-  # on the first 2,000 groups of the default recipe's mix (DENSE= mine mix there first)
-  head -n 2000 "$MINILM_WORK/groups/mix.jsonl" > "$WORK/mix-2000.jsonl"
-  $CR teach --groups "$WORK/mix-2000.jsonl" --teacher "$WORK/init" \
-    --max-query-tokens 64 --max-length 192 --out "$WORK/taught.jsonl"
+  # on the first $DISTILL_GROUPS groups of the default recipe's mix (DENSE= mine mix there
+  # first); the teacher is the exported fp32 graph as served (faster here than torch's)
+  DISTILL_GROUPS=${DISTILL_GROUPS:-2000}
+  head -n "$DISTILL_GROUPS" "$MINILM_WORK/groups/mix.jsonl" > "$WORK/mix-$DISTILL_GROUPS.jsonl"
+  $CR teach --groups "$WORK/mix-$DISTILL_GROUPS.jsonl" --teacher "$MODEL" --out "$WORK/taught.jsonl"
   # shellcheck disable=SC2086  # RESUME is a list of flags
   $CR train --model "$MINILM_WORK/init" --groups "$WORK/taught.jsonl" --out "$WORK/distill" \
     --loss lce --distill-weight 1 --negatives 7 --batch-groups 4 --accumulation 2 --steps 200 \
