@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import httpx
 import numpy as np
 
@@ -43,20 +44,24 @@ async def overload(
     """``burst`` requests at once, then another ``burst`` every second for ``sustain_s``
     seconds, cycling through ``bodies``; the answers, and seconds until the last one."""
     connections = burst * (1 + int(sustain_s))
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as http:
+    # aiohttp, not httpx: on a 2-core machine shared with the server, httpx's pure-Python
+    # HTTP/1.1 made the client the slow side of a refusal (its p99 was many times the slowest
+    # refusal in the server's own histogram), so the bench measured itself.
+    connector = aiohttp.TCPConnector(limit=connections)
+    timeout = aiohttp.ClientTimeout(total=900)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as http:
         # Open the connections first, so a connect is not timed as part of a refusal.
-        await asyncio.gather(*(http.get("/health") for _ in range(connections)))
+        await asyncio.gather(*(_health(http) for _ in range(connections)))
 
         started = time.perf_counter()
 
         async def one(body: bytes) -> Answer:
             sent = time.perf_counter()
-            response = await http.post(
-                "/rerank", content=body, headers={"content-type": "application/json"}
-            )
+            headers = {"content-type": "application/json"}
+            async with http.post("/rerank", data=body, headers=headers) as response:
+                await response.read()
             now = time.perf_counter()
-            return Answer(response.status_code, now - sent, now - started, pairs)
+            return Answer(response.status, now - sent, now - started, pairs)
 
         tasks: list[asyncio.Task[Answer]] = []
         queue = itertools.cycle(bodies)
@@ -67,6 +72,11 @@ async def overload(
             await asyncio.sleep(1.0)
         answers = await asyncio.gather(*tasks)
         return list(answers), time.perf_counter() - started
+
+
+async def _health(http: aiohttp.ClientSession) -> None:
+    async with http.get("/health") as response:
+        await response.read()
 
 
 def refusal_buckets(metrics_text: str) -> dict[str, float]:
@@ -98,12 +108,18 @@ def main() -> None:
         help="Keep sending a burst every second for this long after the first.",
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--engine-nice",
+        type=int,
+        default=10,
+        help="The server's engine_nice (0: inference threads at the event loop's priority).",
+    )
     args = parser.parse_args()
 
     workload = Workload(args.passages_file, args.queries)
     admitted = args.max_queued_pairs // args.passages
     flags = ["--max-queued-pairs", str(args.max_queued_pairs)]
-    flags += ["--max-passages", str(args.passages)]
+    flags += ["--max-passages", str(args.passages), "--engine-nice", str(args.engine_nice)]
     with crossrank(args.model, args.threads, flags) as server:
         url = server.target.url
 

@@ -98,6 +98,22 @@ async def client(
                 tally[f"error: {response.status_code} {response.text[:120]}"] += 1
 
 
+async def reserved_pairs_settled(url: str, timeout_s: float) -> float:
+    """``crossrank_reserved_pairs`` once it reaches 0, or its value after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(base_url=url) as http:
+        while True:
+            text = (await http.get("/metrics")).text
+            value = next(
+                float(line.split()[1])
+                for line in text.splitlines()
+                if line.startswith("crossrank_reserved_pairs ")
+            )
+            if value == 0 or time.monotonic() > deadline:
+                return value
+            await asyncio.sleep(1)
+
+
 async def soak(server: Server, workload: Workload, args: argparse.Namespace) -> dict:
     pid = server.process.pid
     started = time.monotonic()
@@ -125,6 +141,11 @@ async def soak(server: Server, workload: Workload, args: argparse.Namespace) -> 
             for seed in range(args.clients)
         ),
     )
+    # Every request ended, so no room may stay reserved once the engine has given back the
+    # pairs of abandoned requests that were already in it.
+    reserved = await reserved_pairs_settled(server.target.url, timeout_s=120)
+    if reserved:
+        tally[f"error: {reserved} pairs still reserved after the load"] += 1
     warm = [s for s in samples if s[0] >= args.warm_up_s]
     times = [s[0] for s in warm]
     return {
@@ -132,6 +153,7 @@ async def soak(server: Server, workload: Workload, args: argparse.Namespace) -> 
         "clients": args.clients,
         "answers": dict(sorted(tally.items())),
         "errors": sum(n for key, n in tally.items() if key.startswith("error")),
+        "reserved_pairs_at_end": reserved,
         "rss_mb_start_end_after_warm_up": [round(warm[0][1], 1), round(warm[-1][1], 1)],
         "rss_mb_max": round(max(s[1] for s in samples), 1),
         "rss_mb_per_min_after_warm_up": round(per_minute_slope(times, [s[1] for s in warm]), 2),

@@ -3,6 +3,7 @@ and the room comes back however a request ends. Over real HTTP, with a gated eng
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -14,6 +15,7 @@ import pytest
 from live_server import RunningServer, run_server
 from test_service_behaviour import metric, wait_for
 
+from crossrank import json_body
 from crossrank.model_dir import ModelDir
 from crossrank.tokenization import PairTokenizer
 
@@ -133,3 +135,137 @@ def test_room_returns_to_zero_however_a_request_ends(model_dir: ModelDir) -> Non
         engine.gate.set()
         wait_for(lambda: metric(srv, RESERVED) == 0)
         assert post(srv, body)[0].status_code == 200
+
+
+def _recorded(body: object, parsed: list[str]) -> object:
+    """``body``, its query appended to ``parsed``: the strict parser saw it."""
+    parsed.append(body["query"] if isinstance(body, dict) else "")
+    return body
+
+
+def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], dict]:
+    """One HTTP/1.1 response off ``sock``: status, headers (lower-case names), JSON body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection without answering"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    while len(body) < int(headers["content-length"]):
+        body += sock.recv(65536)
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
+def test_a_full_queue_refuses_before_reading_or_parsing_the_body(
+    model_dir: ModelDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsed: list[str] = []
+    loads = json_body.loads
+    monkeypatch.setattr(json_body, "loads", lambda body: _recorded(loads(body), parsed))
+    with run_server(model_dir, gated=True, max_queued_pairs=2000, max_passages=1000) as srv:
+        srv.wait_ready()
+        assert srv.engine is not None
+        srv.engine.gate.clear()
+        port = int(srv.url.rsplit(":", 1)[1])
+
+        def request_bytes(query: str) -> tuple[bytes, bytes]:
+            payload = httpx.Request(
+                "POST", srv.url, json={"query": query, "passages": PASSAGES}
+            ).content
+            head = (
+                "POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(payload)}\r\n\r\n"
+            )
+            return head.encode(), payload
+
+        with (
+            socket.create_connection(("127.0.0.1", port)) as late,
+            socket.create_connection(("127.0.0.1", port)) as unread,
+            ThreadPoolExecutor(2) as pool,
+        ):
+            late.settimeout(30)
+            unread.settimeout(30)
+            # Headers and half a body while there is room: it passes the first look.
+            late_head, late_body = request_bytes("streaming while the queue fills")
+            late.sendall(late_head + late_body[: len(late_body) // 2])
+            # Two admitted requests fill the room; the engine holds them.
+            admitted = [
+                pool.submit(post, srv, {"query": f"admitted {i}", "passages": PASSAGES})
+                for i in range(2)
+            ]
+            wait_for(lambda: metric(srv, RESERVED) == 2000)
+            # Headers only, no body ever: refused from the headers alone.
+            unread_head, _ = request_bytes("never sends its body")
+            unread.sendall(unread_head)
+            status, headers, error = _read_response(unread)
+            assert (status, error["error"]["type"]) == (503, "queue_full")
+            assert headers["retry-after"] == "1" and headers["x-request-id"] == error["error"]["id"]
+            # The rest of the first body arrives: refused before its parse.
+            late.sendall(late_body[len(late_body) // 2 :])
+            status, _, error = _read_response(late)
+            assert (status, error["error"]["type"]) == (503, "queue_full")
+            srv.engine.gate.set()
+            assert [f.result()[0].status_code for f in admitted] == [200, 200]
+        assert sorted(parsed) == ["admitted 0", "admitted 1"]
+        assert metric(srv, RESERVED) == 0
+        assert metric(srv, 'crossrank_rejected_requests_total{reason="queue_full"}') == 2
+        # Room again: the same request is read, parsed and answered.
+        assert post(srv, {"query": "after", "passages": PASSAGES[:3]})[0].status_code == 200
+
+
+def test_with_some_room_left_the_listed_passages_decide_before_the_strict_parse(
+    model_dir: ModelDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsed: list[str] = []
+    loads = json_body.loads
+    monkeypatch.setattr(json_body, "loads", lambda body: _recorded(loads(body), parsed))
+    with run_server(model_dir, gated=True, max_queued_pairs=1500, max_passages=1000) as srv:
+        srv.wait_ready()
+        assert srv.engine is not None
+        srv.engine.gate.clear()
+        with ThreadPoolExecutor(2) as pool:
+            held = pool.submit(post, srv, {"query": "held", "passages": PASSAGES})
+            wait_for(lambda: metric(srv, RESERVED) == 1000)
+            refused, _ = post(srv, {"query": "too many for the room", "passages": PASSAGES})
+            assert refused.status_code == 503
+            assert refused.json()["error"]["type"] == "queue_full"
+            assert "1000 more would exceed" in refused.json()["error"]["message"]
+            small = pool.submit(post, srv, {"query": "fits", "passages": PASSAGES[:3]})
+            wait_for(lambda: metric(srv, RESERVED) == 1003)
+            srv.engine.gate.set()
+            assert held.result()[0].status_code == 200
+            assert small.result()[0].status_code == 200
+        # The refused body was counted, never parsed strictly nor validated.
+        assert sorted(parsed) == ["fits", "held"]
+        assert metric(srv, RESERVED) == 0
+
+
+def test_room_the_gate_reserved_comes_back_when_the_body_fails_validation(
+    model_dir: ModelDir,
+) -> None:
+    with run_server(model_dir, gated=True, max_queued_pairs=1500, max_passages=1000) as srv:
+        srv.wait_ready()
+        assert srv.engine is not None
+        srv.engine.gate.clear()
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(post, srv, {"query": "held", "passages": PASSAGES})
+            wait_for(lambda: metric(srv, RESERVED) == 1000)
+            # Counted and reserved by the gate, then refused by validation: the room returns.
+            for body, field in [
+                ({"query": " ", "passages": PASSAGES[:300]}, "query"),
+                ({"query": "q", "passages": PASSAGES[:300], "top_k": 0}, "top_k"),
+                ({"query": "q", "passages": [*PASSAGES[:299], None]}, "passages[299]"),
+            ]:
+                response, _ = post(srv, body)
+                assert response.status_code == 422, response.text
+                assert response.json()["error"]["field"] == field
+                assert metric(srv, RESERVED) == 1000
+            # Over max_passages: the 422 that says so, not a 503 that would invite retries,
+            # though the room left could not hold it either.
+            over, _ = post(srv, {"query": "q", "passages": [*PASSAGES, "one more"]})
+            assert over.status_code == 422 and over.json()["error"]["field"] == "passages"
+            srv.engine.gate.set()
+            assert held.result()[0].status_code == 200
+        assert metric(srv, RESERVED) == 0

@@ -198,6 +198,36 @@ def test_full_queue_refuses_at_reservation_and_holds_room_until_scored() -> None
     asyncio.run(main())
 
 
+def test_refusal_before_the_count_and_resizing_a_reservation() -> None:
+    async def main() -> None:
+        batcher = make(ScriptedEngine(), max_queued_pairs=50)
+        # Not yet counted (None): refused only when no room at all is left.
+        assert batcher.refusal() is None
+        held = batcher.reserve(30)
+        assert batcher.refusal() is None
+        assert batcher.refusal(21) is not None and batcher.refusal(20) is None
+        # Grown within the room, refused beyond it (keeping what it held), shrunk at will.
+        batcher.resize(held, 45)
+        assert (held.pairs, batcher.reserved_pairs) == (45, 45)
+        with pytest.raises(ServiceError) as refused:
+            batcher.resize(held, 51)
+        assert refused.value.type is ErrorType.QUEUE_FULL
+        assert (held.pairs, batcher.reserved_pairs) == (45, 45)
+        batcher.resize(held, 50)
+        full = batcher.refusal()
+        assert full is not None and full.type is ErrorType.QUEUE_FULL
+        batcher.resize(held, 3)
+        assert (held.pairs, batcher.reserved_pairs) == (3, 3)
+        batcher.release(held)
+        assert batcher.reserved_pairs == 0
+        batcher.begin_drain()
+        draining = batcher.refusal()
+        assert draining is not None and draining.type is ErrorType.SHUTTING_DOWN
+        await batcher.close()
+
+    asyncio.run(main())
+
+
 def test_room_is_given_back_pair_by_pair_as_batches_finish() -> None:
     async def main() -> None:
         engine = ScriptedEngine()

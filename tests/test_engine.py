@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
+from crossrank import priority
 from crossrank.collate import pad_pairs
 from crossrank.engine import CPU, CUDA, EngineConfigError, OnnxEngine, plan_session
 from crossrank.model_dir import ModelDir
@@ -81,3 +86,39 @@ def test_unknown_inputs_are_refused(model_dir: ModelDir, tmp_path: Path) -> None
     onnx.save(graph, odd)
     with pytest.raises(EngineConfigError, match="pixel_values"):
         OnnxEngine(odd, plan_session("cpu", [CPU]))
+
+
+def _niceness() -> dict[int, int]:
+    """Each thread of this process: its nice value (field 19 of /proc/self/task/TID/stat)."""
+    nice = {}
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+            nice[int(tid)] = int(stat.rsplit(")", 1)[1].split()[16])
+    return nice
+
+
+@pytest.mark.skipif(not priority.supported(), reason="per-thread niceness is Linux's")
+def test_engine_threads_yield_the_cpu_and_nothing_else_does(model_dir: ModelDir) -> None:
+    before = _niceness()
+    base = os.getpriority(os.PRIO_PROCESS, os.getpid())
+    plan = plan_session("cpu", [CPU], threads=3, nice=7)
+    engine = OnnxEngine(model_dir.variant_path("fp32"), plan)
+    created = {tid: nice for tid, nice in _niceness().items() if tid not in before}
+    # onnxruntime's intra-op pool (threads - 1 workers) was made with the session.
+    assert len(created) >= 2
+    assert set(created.values()) == {base + 7}
+    assert _niceness()[threading.get_native_id()] == base  # the caller is untouched
+
+    tokenizer = PairTokenizer(model_dir.tokenizer_path, 16, 128)
+    batch = pad_pairs(tokenizer.encode("sky", ["blue sky"]).pairs)
+    with ThreadPoolExecutor(max_workers=1) as runner:
+        runner.submit(engine.run, batch).result()
+        # The thread that runs batches joins the pool's work, so it is lowered too.
+        runner_nice = runner.submit(lambda: _niceness()[threading.get_native_id()]).result()
+    assert runner_nice == base + 7
+    assert _niceness()[threading.get_native_id()] == base
+
+    unlowered = OnnxEngine(model_dir.variant_path("fp32"), plan_session("cpu", [CPU], threads=3))
+    assert unlowered.run(batch).shape == (1,)
+    assert _niceness()[threading.get_native_id()] == base

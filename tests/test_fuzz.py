@@ -11,7 +11,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from live_server import RunningServer
 from schemathesis import Case, GenerationMode
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import CheckContext, not_a_server_error
+from schemathesis.core.transport import Response
 from schemathesis.schemas import BaseSchema
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -23,8 +24,23 @@ from schemathesis.specs.openapi.checks import (
 
 pytestmark = pytest.mark.slow
 
+
+@schemathesis.check
+def no_server_error_but_the_clients_own_deadline(
+    ctx: CheckContext, response: Response, case: Case
+) -> bool | None:
+    """not_a_server_error, except for the 504 ``deadline_exceeded`` a request earns with its own
+    ``timeout_ms``: a fuzzed deadline of 1 ms can pass during tokenisation on a busy machine,
+    and answering so is the documented behaviour, not a fault."""
+    own_deadline = isinstance(case.body, dict) and case.body.get("timeout_ms") is not None
+    if response.status_code == 504 and own_deadline:
+        assert response.json()["error"]["type"] == "deadline_exceeded"
+        return None
+    return not_a_server_error(ctx, response, case)
+
+
 CHECKS = [
-    not_a_server_error,
+    no_server_error_but_the_clients_own_deadline,
     status_code_conformance,
     content_type_conformance,
     response_headers_conformance,

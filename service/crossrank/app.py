@@ -16,6 +16,7 @@ from crossrank.errors import ErrorType, ServiceError, error_response, invalid
 from crossrank.lifecycle import EngineFactory, Service
 from crossrank.metrics import Metrics
 from crossrank.middleware import (
+    AdmissionGateMiddleware,
     ApiKeyMiddleware,
     BodyLimitMiddleware,
     RequestContextMiddleware,
@@ -105,6 +106,14 @@ def create_app(settings: Settings, engine_factory: EngineFactory = OnnxEngine) -
             error_type = ErrorType.INVALID_REQUEST if exc.status_code < 500 else ErrorType.INTERNAL
         return respond(ServiceError(error_type, str(exc.detail)))
 
+    # Innermost: a request is authenticated and its declared size checked before admission.
+    app.add_middleware(
+        AdmissionGateMiddleware,
+        paths=ENDPOINT_LABELS.keys(),
+        batcher=lambda: service.batcher,
+        max_passages=settings.max_passages,
+        respond=respond,
+    )
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,

@@ -173,22 +173,48 @@ class Batcher:
 
     # -- admission ---------------------------------------------------------------------------
 
-    def reserve(self, pairs: int) -> Reservation:
-        """Hold queue room for ``pairs`` pairs, or refuse (503) at once: called before any work
-        is done for the request, so that a refusal costs nothing."""
+    def refusal(self, pairs: int | None = None) -> ServiceError | None:
+        """Why a request of ``pairs`` pairs would be refused now, or None. ``pairs`` None: a
+        request not yet read, of at least one pair (refused only when no room is left)."""
         if self._draining:
-            raise ServiceError(ErrorType.SHUTTING_DOWN, "the service is shutting down")
+            return ServiceError(ErrorType.SHUTTING_DOWN, "the service is shutting down")
         if self.stalled_since is not None:
-            raise self._stalled_error()
-        if self._reserved + pairs > self._max_queued:
-            raise ServiceError(
+            return self._stalled_error()
+        if pairs is None and self._reserved >= self._max_queued:
+            return ServiceError(
+                ErrorType.QUEUE_FULL,
+                f"the queue is full ({self._reserved} pairs, its bound): retry later",
+            )
+        if pairs is not None and self._reserved + pairs > self._max_queued:
+            return ServiceError(
                 ErrorType.QUEUE_FULL,
                 f"the queue holds {self._reserved} pairs; {pairs} more would exceed its "
                 f"bound of {self._max_queued}: retry later",
             )
+        return None
+
+    def reserve(self, pairs: int) -> Reservation:
+        """Hold queue room for ``pairs`` pairs, or refuse (503) at once: called before any work
+        is done for the request, so that a refusal costs nothing."""
+        error = self.refusal(pairs)
+        if error is not None:
+            raise error
         self._reserved += pairs
         self._notify()
         return Reservation(pairs)
+
+    def resize(self, reservation: Reservation, pairs: int) -> None:
+        """Make ``reservation`` hold ``pairs``: more is admitted (or refused, 503, keeping what
+        it held) as :meth:`reserve` would admit it; less is given back."""
+        if pairs > reservation.pairs:
+            error = self.refusal(pairs - reservation.pairs)
+            if error is not None:
+                raise error
+            self._reserved += pairs - reservation.pairs
+            reservation.pairs = pairs
+            self._notify()
+        else:
+            self.release(reservation, reservation.pairs - pairs)
 
     def release(self, reservation: Reservation, pairs: int | None = None) -> None:
         """Give back ``pairs`` of a reservation's room (all of it when None)."""

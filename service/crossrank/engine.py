@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from crossrank.collate import PaddedBatch
+from crossrank.priority import build_on_lowered_thread, lower_current_thread
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class SessionPlan:
     intra_op_threads: int
     io_binding: bool
     options: dict[str, Any] = field(default_factory=dict)
+    nice: int = 0  # added to the engine threads' niceness (crossrank.priority)
 
 
 def plan_session(
@@ -54,6 +56,7 @@ def plan_session(
     threads: int = 0,
     cuda_device_id: int = 0,
     cuda_mem_limit_mb: int = 0,
+    nice: int = 0,
 ) -> SessionPlan:
     """Providers and options for ``device`` (auto | cpu | cuda) given the available providers."""
     if device == "cuda" and CUDA not in available:
@@ -87,6 +90,7 @@ def plan_session(
             intra_op_threads=1,
             io_binding=True,
             options=options,
+            nice=nice,
         )
     # No arena on CPU: with variable shapes it keeps the largest batch's buffers forever, and
     # malloc of the few large activations per batch costs nothing next to the matmuls.
@@ -97,6 +101,7 @@ def plan_session(
         intra_op_threads=threads or (os.cpu_count() or 1),
         io_binding=False,
         options=options,
+        nice=nice,
     )
 
 
@@ -114,11 +119,16 @@ class OnnxEngine:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         names = [name for name, _ in plan.providers]
         provider_options = [opts for _, opts in plan.providers]
-        self._session = ort.InferenceSession(
-            source,
-            sess_options=options,
-            providers=names,
-            provider_options=provider_options,
+        # onnxruntime creates its intra-op threads with the session: built on a lowered thread,
+        # they inherit its priority.
+        self._session = build_on_lowered_thread(
+            plan.nice,
+            lambda: ort.InferenceSession(
+                source,
+                sess_options=options,
+                providers=names,
+                provider_options=provider_options,
+            ),
         )
         active = self._session.get_providers()
         if plan.device == "cuda" and CUDA not in active:
@@ -146,6 +156,8 @@ class OnnxEngine:
         return feeds
 
     def run(self, batch: PaddedBatch) -> np.ndarray:
+        # The calling thread works in the session's pool during a run: it yields the CPU too.
+        lower_current_thread(self._plan.nice)
         feeds = self._feeds(batch)
         if self._plan.io_binding:
             binding = self._session.io_binding()

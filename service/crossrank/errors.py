@@ -10,6 +10,8 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
+from starlette.exceptions import HTTPException
+
 from crossrank.request_context import current
 from crossrank.responses import JSONResponse
 
@@ -57,7 +59,10 @@ RETRYABLE = frozenset(
 )
 
 
-class ServiceError(Exception):
+class ServiceError(HTTPException):
+    """An HTTPException, so that one raised while the framework reads a body (a receive
+    wrapper's) reaches the app's handler as itself rather than as a generic 400."""
+
     def __init__(
         self,
         type_: ErrorType,
@@ -66,7 +71,7 @@ class ServiceError(Exception):
         field: str | None = None,
         error_id: str | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(STATUS[type_], message)
         self.type = type_
         self.message = message
         self.field = field

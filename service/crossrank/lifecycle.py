@@ -78,6 +78,7 @@ class Service:
             threads=s.threads,
             cuda_device_id=s.cuda_device_id,
             cuda_mem_limit_mb=s.cuda_mem_limit_mb,
+            nice=s.engine_nice,
         )
         meta = model.metadata
         tokenizer = load_pair_encoder(model)

@@ -1,5 +1,5 @@
-"""ASGI middleware: request ids and the access log, API keys, the request-body size limit and
-the request-duration metric."""
+"""ASGI middleware: request ids and the access log, API keys, the request-body size limit,
+admission before the body is read, and the request-duration metric."""
 
 from __future__ import annotations
 
@@ -7,15 +7,19 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
+import orjson
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from crossrank.batcher import Batcher
 from crossrank.errors import ErrorType, ServiceError, error_response
 from crossrank.metrics import Metrics
-from crossrank.request_context import RequestRecord, bind, request_id, unbind
+from crossrank.request_context import RequestRecord, bind, current, request_id, unbind
+from crossrank.schemas import listed_items
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("crossrank.access")
@@ -191,6 +195,82 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class AdmissionGateMiddleware:
+    """Admission meets a scoring request twice before the app reads it. When its headers
+    arrive, it is refused if no room at all is left (or the service drains, or its engine
+    stalled). The moment the last byte of its body arrives, a fast parse (orjson) counts the
+    passages it lists and reserves queue room for them (:meth:`Batcher.reserve`), or refuses it
+    with that 503; the reranker takes the reservation over (resized to the request's exact
+    bound) and this gives back whatever nobody took (a body that fails validation). So a
+    refusal costs neither the strict parse nor the validation of its body, and requests
+    arriving together are admitted in the order their bodies complete, each against the room
+    the ones before it took. A body the fast parse cannot count goes on unreserved: the strict
+    parser says what is wrong with it, or the reranker reserves for it as before."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        paths: Collection[str],
+        batcher: Callable[[], Batcher | None],
+        max_passages: int,
+        respond: Callable[[ServiceError], Response],
+    ) -> None:
+        self.app = app
+        self.paths = frozenset(paths)
+        self.batcher = batcher  # None until the service is ready (the route then says so)
+        self.max_passages = max_passages
+        self.respond = respond
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        batcher = self.batcher()
+        record = current()
+        if (
+            batcher is None
+            or record is None
+            or scope["type"] != "http"
+            or scope["method"] != "POST"
+            or scope["path"] not in self.paths
+        ):
+            await self.app(scope, receive, send)
+            return
+        error = batcher.refusal()
+        if error is not None:
+            # The unread body is the server's to discard (uvicorn does, keeping the connection).
+            await self.respond(error)(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+
+        async def gated_receive() -> Message:
+            message = await receive()
+            if message["type"] != "http.request":
+                return message
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                listed = _listed(b"".join(chunks))
+                chunks.clear()
+                # Over max_passages the route's 422 says why; a 503 would invite retries.
+                if listed and listed <= self.max_passages:
+                    # A refusal raised inside the framework's body read: the app's handler
+                    # answers it.
+                    record.reservation = batcher.reserve(listed)
+            return message
+
+        try:
+            await self.app(scope, gated_receive, send)
+        finally:
+            if record.reservation is not None:
+                batcher.release(record.reservation)
+                record.reservation = None
+
+
+def _listed(body: bytes) -> int | None:
+    """The passages ``body`` lists (None: the strict parser is to judge it)."""
+    try:
+        return listed_items(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        return None
 
 
 class RequestMetricsMiddleware:

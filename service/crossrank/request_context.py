@@ -1,4 +1,5 @@
-"""What one HTTP request is, for its logs: its id and the figures its access line reports.
+"""What one HTTP request is: its id, the figures its access line reports, and the queue room
+admission reserved for it before its body was parsed.
 
 Bound in a context variable by the outermost middleware, so that everything running for the
 request (routes, the reranker, error responses, log records) finds it without being passed it.
@@ -10,6 +11,10 @@ import re
 import uuid
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from crossrank.batcher import Reservation
 
 # A client's X-Request-ID is kept when it is short and plain (it ends up in logs and headers);
 # anything else is replaced by a generated id.
@@ -23,6 +28,9 @@ class RequestRecord:
     tokens: int | None = None
     queue_ms: float | None = None
     inference_ms: float | None = None
+    # Reserved by the admission gate (crossrank.middleware) from the passages the body lists;
+    # the reranker takes it over, and the gate gives back whatever nobody took.
+    reservation: Reservation | None = None
 
 
 _current: ContextVar[RequestRecord | None] = ContextVar("crossrank_request", default=None)

@@ -215,7 +215,17 @@ class Reranker:
         bound = len(passages)
         if chunking is not None:
             bound = min(len(passages) * chunking.max_chunks, self._max_passages)
-        reservation = self._batcher.reserve(bound)
+        record = current()
+        reservation = record.reservation if record is not None else None
+        if reservation is None:
+            reservation = self._batcher.reserve(bound)
+        else:
+            record.reservation = None  # this request's now: released below however it ends
+            try:
+                self._batcher.resize(reservation, bound)
+            except BaseException:
+                self._batcher.release(reservation)
+                raise
         try:
             encoded = await self._encode(
                 query,
@@ -251,7 +261,6 @@ class Reranker:
             # Refused, failed or cancelled before it was queued: nothing holds its room.
             self._batcher.release(reservation)
             raise
-        record = current()
         if record is not None:
             record.passages = len(passages)
             record.tokens = encoded.tokens

@@ -108,6 +108,18 @@ def document_texts(
     return texts
 
 
+def listed_items(body: object) -> int | None:
+    """How many passages (``/rerank``) or documents (the Cohere routes) a parsed but not yet
+    validated body lists: a lower bound on the pairs its request will reserve, which admission
+    can judge before validation (crossrank.middleware.AdmissionGateMiddleware)."""
+    if isinstance(body, dict):
+        for name in ("passages", "documents"):
+            items = body.get(name)
+            if isinstance(items, list):
+                return len(items)
+    return None
+
+
 class RerankRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

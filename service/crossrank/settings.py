@@ -20,6 +20,14 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     variant: str = Field(default="auto", description="ONNX variant: auto, fp32, int8, fp16, ...")
     threads: int = Field(default=0, ge=0, description="Intra-op threads on CPU; 0 = all cores.")
+    engine_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="Added to the niceness of the engine's threads (Linux): on saturated cores "
+        "the event loop (admission, refusals, probes) and tokenisation run ahead of inference; "
+        "0 = no change.",
+    )
     cuda_device_id: int = Field(default=0, ge=0)
     cuda_mem_limit_mb: int = Field(
         default=0, ge=0, description="Cap on the CUDA arena in MiB; 0 = no cap."
