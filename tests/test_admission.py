@@ -3,6 +3,7 @@ and the room comes back however a request ends. Over real HTTP, with a gated eng
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -137,10 +138,19 @@ def test_room_returns_to_zero_however_a_request_ends(model_dir: ModelDir) -> Non
         assert post(srv, body)[0].status_code == 200
 
 
-def _recorded(body: object, parsed: list[str]) -> object:
-    """``body``, its query appended to ``parsed``: the strict parser saw it."""
-    parsed.append(body["query"] if isinstance(body, dict) else "")
-    return body
+@pytest.fixture
+def parsed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The query of every body the server's strict JSON parser was given."""
+    queries: list[str] = []
+    loads = json_body.loads
+
+    def recording(body: bytes) -> object:
+        parsed = loads(body)
+        queries.append(parsed["query"] if isinstance(parsed, dict) else "")
+        return parsed
+
+    monkeypatch.setattr(json_body, "loads", recording)
+    return queries
 
 
 def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], dict]:
@@ -159,11 +169,8 @@ def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], dict]:
 
 
 def test_a_full_queue_refuses_before_reading_or_parsing_the_body(
-    model_dir: ModelDir, monkeypatch: pytest.MonkeyPatch
+    model_dir: ModelDir, parsed: list[str]
 ) -> None:
-    parsed: list[str] = []
-    loads = json_body.loads
-    monkeypatch.setattr(json_body, "loads", lambda body: _recorded(loads(body), parsed))
     with run_server(model_dir, gated=True, max_queued_pairs=2000, max_passages=1000) as srv:
         srv.wait_ready()
         assert srv.engine is not None
@@ -215,12 +222,11 @@ def test_a_full_queue_refuses_before_reading_or_parsing_the_body(
         assert post(srv, {"query": "after", "passages": PASSAGES[:3]})[0].status_code == 200
 
 
-def test_with_some_room_left_the_listed_passages_decide_before_the_strict_parse(
-    model_dir: ModelDir, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    parsed: list[str] = []
-    loads = json_body.loads
-    monkeypatch.setattr(json_body, "loads", lambda body: _recorded(loads(body), parsed))
+@contextlib.contextmanager
+def one_request_held(model_dir: ModelDir) -> Iterator[tuple[RunningServer, ThreadPoolExecutor]]:
+    """A server with room for 1,500 pairs whose engine holds a 1,000-passage request (so 500
+    are left) and a pool to send more from; on leaving, the engine lets go, the held request must
+    succeed and all room must come back."""
     with run_server(model_dir, gated=True, max_queued_pairs=1500, max_passages=1000) as srv:
         srv.wait_ready()
         assert srv.engine is not None
@@ -228,44 +234,42 @@ def test_with_some_room_left_the_listed_passages_decide_before_the_strict_parse(
         with ThreadPoolExecutor(2) as pool:
             held = pool.submit(post, srv, {"query": "held", "passages": PASSAGES})
             wait_for(lambda: metric(srv, RESERVED) == 1000)
-            refused, _ = post(srv, {"query": "too many for the room", "passages": PASSAGES})
-            assert refused.status_code == 503
-            assert refused.json()["error"]["type"] == "queue_full"
-            assert "1000 more would exceed" in refused.json()["error"]["message"]
-            small = pool.submit(post, srv, {"query": "fits", "passages": PASSAGES[:3]})
-            wait_for(lambda: metric(srv, RESERVED) == 1003)
+            yield srv, pool
             srv.engine.gate.set()
             assert held.result()[0].status_code == 200
-            assert small.result()[0].status_code == 200
-        # The refused body was counted, never parsed strictly nor validated.
-        assert sorted(parsed) == ["fits", "held"]
-        assert metric(srv, RESERVED) == 0
+        wait_for(lambda: metric(srv, RESERVED) == 0)
+
+
+def test_with_some_room_left_the_listed_passages_decide_before_the_strict_parse(
+    model_dir: ModelDir, parsed: list[str]
+) -> None:
+    with one_request_held(model_dir) as (srv, pool):
+        refused, _ = post(srv, {"query": "too many for the room", "passages": PASSAGES})
+        assert refused.status_code == 503
+        assert refused.json()["error"]["type"] == "queue_full"
+        assert "1000 more would exceed" in refused.json()["error"]["message"]
+        small = pool.submit(post, srv, {"query": "fits", "passages": PASSAGES[:3]})
+        wait_for(lambda: metric(srv, RESERVED) == 1003)
+    assert small.result()[0].status_code == 200
+    # The refused body was counted, never parsed strictly nor validated.
+    assert sorted(parsed) == ["fits", "held"]
 
 
 def test_room_the_gate_reserved_comes_back_when_the_body_fails_validation(
     model_dir: ModelDir,
 ) -> None:
-    with run_server(model_dir, gated=True, max_queued_pairs=1500, max_passages=1000) as srv:
-        srv.wait_ready()
-        assert srv.engine is not None
-        srv.engine.gate.clear()
-        with ThreadPoolExecutor(1) as pool:
-            held = pool.submit(post, srv, {"query": "held", "passages": PASSAGES})
-            wait_for(lambda: metric(srv, RESERVED) == 1000)
-            # Counted and reserved by the gate, then refused by validation: the room returns.
-            for body, field in [
-                ({"query": " ", "passages": PASSAGES[:300]}, "query"),
-                ({"query": "q", "passages": PASSAGES[:300], "top_k": 0}, "top_k"),
-                ({"query": "q", "passages": [*PASSAGES[:299], None]}, "passages[299]"),
-            ]:
-                response, _ = post(srv, body)
-                assert response.status_code == 422, response.text
-                assert response.json()["error"]["field"] == field
-                assert metric(srv, RESERVED) == 1000
-            # Over max_passages: the 422 that says so, not a 503 that would invite retries,
-            # though the room left could not hold it either.
-            over, _ = post(srv, {"query": "q", "passages": [*PASSAGES, "one more"]})
-            assert over.status_code == 422 and over.json()["error"]["field"] == "passages"
-            srv.engine.gate.set()
-            assert held.result()[0].status_code == 200
-        assert metric(srv, RESERVED) == 0
+    with one_request_held(model_dir) as (srv, _):
+        # Counted and reserved by the gate, then refused by validation: the room returns.
+        for body, field in [
+            ({"query": " ", "passages": PASSAGES[:300]}, "query"),
+            ({"query": "q", "passages": PASSAGES[:300], "top_k": 0}, "top_k"),
+            ({"query": "q", "passages": [*PASSAGES[:299], None]}, "passages[299]"),
+        ]:
+            response, _ = post(srv, body)
+            assert response.status_code == 422, response.text
+            assert response.json()["error"]["field"] == field
+            assert metric(srv, RESERVED) == 1000
+        # Over max_passages: the 422 that says so, not a 503 that would invite retries,
+        # though the room left could not hold it either.
+        over, _ = post(srv, {"query": "q", "passages": [*PASSAGES, "one more"]})
+        assert over.status_code == 422 and over.json()["error"]["field"] == "passages"
