@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -93,10 +94,20 @@ class Service:
         probe = tokenizer.encode("warm up", ["the engine answers"]).pairs
         batch_tokens = s.max_batch_tokens or AUTO_BATCH_TOKENS[plan.device]
         batches = warmup_batches(probe[0], meta.max_length, batch_tokens, s.max_batch_pairs)
-        # variant auto on a CPU times the candidates on a warm-up batch (crossrank.variant_choice).
-        choice, engine = await asyncio.to_thread(
-            load_variant, model, s.variant, plan, self._engine_factory, batches, read_cpu_flags()
-        )
+        # variant auto on a CPU times the candidates on a warm-up batch (crossrank.variant_choice),
+        # on a thread of its own: running batches lowers a thread's priority (crossrank.priority),
+        # which a thread of the loop's shared executor would keep.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="crossrank-load") as loader:
+            choice, engine = await asyncio.get_running_loop().run_in_executor(
+                loader,
+                load_variant,
+                model,
+                s.variant,
+                plan,
+                self._engine_factory,
+                batches,
+                read_cpu_flags(),
+            )
         variant = choice.variant
         self.batcher = Batcher(
             engine,
