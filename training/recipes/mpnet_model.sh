@@ -11,7 +11,8 @@
 # network scored 0.07-0.3 pairs/s there): WikiQA dev's first 40 queries and NQ/QED train's first
 # 20 (BM25 top 10) pick the blend, and TREC DL 2021 is re-ranked from BM25's top $DEPTH (20) for
 # every system. On a GPU or a quiet machine, DEPTH=100 and the default recipe's four dev sets apply.
-# CUT adds flags to the scifact and classic evals (e.g. CUT="--depth 20 --max-queries 100").
+# CUT adds flags to the scifact and classic evals (e.g. CUT="--depth 20 --max-queries 100"); BI=
+# leaves the MPNet bi-encoder out of them (the step-0 tier ranks exactly as it does).
 # The blend the init step builds is the one the blend rule picked (docs/model.md; change both
 # together). distill needs the default recipe's init and mine/mix steps in $MINILM_WORK.
 set -euo pipefail
@@ -24,6 +25,7 @@ NAME=crossrank-mpnet-base
 MODEL="$WORK/$NAME"
 MINILM_WORK=${MINILM_WORK:-$WORK/../lex}
 read -r -a CUT_FLAGS <<< "${CUT:-}"
+read -r -a BI_FLAGS <<< "${BI---bi-encoder $WORK/base}"
 mkdir -p "$WORK"
 # The default model's reference corpus for the IDF table (default_model.sh says why).
 IDF="--idf-corpus $DATA/squad-v1.1/corpus_train.jsonl.gz $DATA/nfcorpus/corpus_preprocessed.jsonl.gz
@@ -63,28 +65,29 @@ export)  # fp16 for GPUs, fp32 for CPUs: int8 failed the agreement gate on the T
     --eval-run "$DATA/trec-dl-2021/runs/BM25.top100.run" \
     --eval-max-queries "${SAMPLE_QUERIES:-10}" --eval-depth "$DEPTH" ;;
 eval)  # as served, beside the MPNet bi-encoder, BM25, the default model and its bi-encoder
+  # (the default model in both runs: each run's paired tests are within it)
   # shellcheck disable=SC2086
-  $CR eval $TREC --depth "$DEPTH" --model "$MODEL" --bi-encoder "$WORK/base" \
-    --out "$WORK/eval-trec-dl-2021-top$DEPTH.json"
+  $CR eval $TREC --depth "$DEPTH" --model "$MODEL" --model models/crossrank-minilm-l6 \
+    --bi-encoder "$WORK/base" --out "$WORK/eval-trec-dl-2021-top$DEPTH.json"
   # shellcheck disable=SC2086
   $CR eval $TREC --depth "$DEPTH" --model models/crossrank-minilm-l6 --bi-encoder \
     --out "$WORK/eval-trec-dl-2021-top$DEPTH-default.json" ;;
 scifact)
   $CR eval --queries "$DATA/scifact/queries.jsonl" --qrels "$DATA/scifact/qrels/test.tsv" \
     --corpus "$DATA/scifact/corpus.jsonl.gz" --depth 50 --model "$MODEL" \
-    --model models/crossrank-minilm-l6 --bi-encoder "$WORK/base" "${CUT_FLAGS[@]}" \
+    --model models/crossrank-minilm-l6 "${BI_FLAGS[@]}" "${CUT_FLAGS[@]}" \
     --out "$WORK/eval-scifact-test.json" ;;
 classic)  # zero-shot, as default_model.sh's classic step
   $CR eval --queries "$DATA/vaswani/query-text.trec" --qrels "$DATA/vaswani/qrels" \
     --corpus "$DATA/vaswani/doc-text.trec.gz" --model "$MODEL" --model models/crossrank-minilm-l6 \
-    --bi-encoder "$WORK/base" "${CUT_FLAGS[@]}" --out "$WORK/eval-vaswani.json"
+    "${BI_FLAGS[@]}" "${CUT_FLAGS[@]}" --out "$WORK/eval-vaswani.json"
   $CR eval --queries "$DATA/cranfield/cran.qry" --qrels "$DATA/cranfield/cranqrel" \
     --grade-map 1=4,2=3,3=2,4=1,-1=0 --corpus "$DATA/cranfield/cran.all.1400.gz" \
-    --model "$MODEL" --model models/crossrank-minilm-l6 --bi-encoder "$WORK/base" "${CUT_FLAGS[@]}" \
+    --model "$MODEL" --model models/crossrank-minilm-l6 "${BI_FLAGS[@]}" "${CUT_FLAGS[@]}" \
     --out "$WORK/eval-cranfield.json"
   $CR eval --queries "$DATA/cisi/CISI.QRY" --qrels "$DATA/cisi/CISI.REL" \
     --corpus "$DATA/cisi/CISI.ALL.gz" --model "$MODEL" --model models/crossrank-minilm-l6 \
-    --bi-encoder "$WORK/base" "${CUT_FLAGS[@]}" --out "$WORK/eval-cisi.json" ;;
+    "${BI_FLAGS[@]}" "${CUT_FLAGS[@]}" --out "$WORK/eval-cisi.json" ;;
 distill)  # the large tier's step 0 teaches the default's step 0 (LCE + MarginMSE, gates free)
   # on the first $DISTILL_GROUPS groups of the default recipe's mix (DENSE= mine mix there
   # first); the teacher is the exported fp32 graph as served (faster here than torch's)
