@@ -2,10 +2,10 @@
 
 On a CPU saturated by inference, the event loop (admission, refusals, probes, /metrics) and the
 tokeniser would otherwise wait for a timeslice among onnxruntime's threads, so a refusal that
-costs a millisecond of work would come back after many. Linux keeps a nice value per thread (a thread
-inherits its creator's), so raising it for the engine's threads alone leaves the rest of the
-process as it was; idle cores still go to inference, so throughput is unchanged when nothing
-else is runnable. Other systems have no per-thread niceness: there this does nothing.
+costs a millisecond of work would come back after many. Linux keeps a nice value per thread (a
+thread inherits its creator's), so raising it for the engine's threads alone leaves the rest of
+the process as it was; idle cores still go to inference, so throughput is unchanged when
+nothing else is runnable. Other systems have no per-thread niceness: there this does nothing.
 """
 
 from __future__ import annotations
