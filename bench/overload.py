@@ -47,7 +47,9 @@ async def overload(
     # aiohttp, not httpx: on a 2-core machine shared with the server, httpx's pure-Python
     # HTTP/1.1 made the client the slow side of a refusal (its p99 was many times the slowest
     # refusal in the server's own histogram), so the bench measured itself.
-    connector = aiohttp.TCPConnector(limit=connections)
+    # Idle connections are dropped before the server's keep-alive timeout (uvicorn's 5 s) can
+    # close one under a request being sent on it (aiohttp keeps them 15 s by default).
+    connector = aiohttp.TCPConnector(limit=connections, keepalive_timeout=4)
     timeout = aiohttp.ClientTimeout(total=900)
     async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as http:
         # Open the connections first, so a connect is not timed as part of a refusal.

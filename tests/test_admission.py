@@ -177,23 +177,24 @@ def test_a_full_queue_refuses_before_reading_or_parsing_the_body(
         srv.engine.gate.clear()
         port = int(srv.url.rsplit(":", 1)[1])
 
-        def request_bytes(query: str) -> tuple[bytes, bytes]:
+        def request_bytes(query: str, connection: str = "keep-alive") -> tuple[bytes, bytes]:
             payload = httpx.Request(
                 "POST", srv.url, json={"query": query, "passages": PASSAGES}
             ).content
             head = (
                 "POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(payload)}\r\n\r\n"
+                f"Connection: {connection}\r\nContent-Length: {len(payload)}\r\n\r\n"
             )
             return head.encode(), payload
 
         with (
             socket.create_connection(("127.0.0.1", port)) as late,
             socket.create_connection(("127.0.0.1", port)) as unread,
+            socket.create_connection(("127.0.0.1", port)) as closing,
             ThreadPoolExecutor(2) as pool,
         ):
-            late.settimeout(30)
-            unread.settimeout(30)
+            for sock in (late, unread, closing):
+                sock.settimeout(30)
             # Headers and half a body while there is room: it passes the first look.
             late_head, late_body = request_bytes("streaming while the queue fills")
             late.sendall(late_head + late_body[: len(late_body) // 2])
@@ -203,21 +204,37 @@ def test_a_full_queue_refuses_before_reading_or_parsing_the_body(
                 for i in range(2)
             ]
             wait_for(lambda: metric(srv, RESERVED) == 2000)
-            # Headers only, no body ever: refused from the headers alone.
-            unread_head, _ = request_bytes("never sends its body")
+            # Headers only: refused from the headers alone, before any of the body is sent.
+            unread_head, unread_body = request_bytes("sends its body after the answer")
             unread.sendall(unread_head)
             status, headers, error = _read_response(unread)
             assert (status, error["error"]["type"]) == (503, "queue_full")
             assert headers["retry-after"] == "1" and headers["x-request-id"] == error["error"]["id"]
+            # The connection is kept: the server discards that body and answers the next
+            # request on the same socket.
+            unread.sendall(unread_body + unread_head)
+            assert _read_response(unread)[0] == 503
             # The rest of the first body arrives: refused before its parse.
             late.sendall(late_body[len(late_body) // 2 :])
             status, _, error = _read_response(late)
+            assert (status, error["error"]["type"]) == (503, "queue_full")
+            # A connection the server closes after the answer is not refused from its headers
+            # (a close on unread data resets the connection, which can destroy the answer), but
+            # once its body is in.
+            closing_head, closing_body = request_bytes("closes its connection", "close")
+            closing.sendall(closing_head)
+            closing.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                closing.recv(1)
+            closing.settimeout(30)
+            closing.sendall(closing_body)
+            status, _, error = _read_response(closing)
             assert (status, error["error"]["type"]) == (503, "queue_full")
             srv.engine.gate.set()
             assert [f.result()[0].status_code for f in admitted] == [200, 200]
         assert sorted(parsed) == ["admitted 0", "admitted 1"]
         assert metric(srv, RESERVED) == 0
-        assert metric(srv, 'crossrank_rejected_requests_total{reason="queue_full"}') == 2
+        assert metric(srv, 'crossrank_rejected_requests_total{reason="queue_full"}') == 4
         # Room again: the same request is read, parsed and answered.
         assert post(srv, {"query": "after", "passages": PASSAGES[:3]})[0].status_code == 200
 

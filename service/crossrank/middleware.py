@@ -235,9 +235,12 @@ class AdmissionGateMiddleware:
         ):
             await self.app(scope, receive, send)
             return
-        error = batcher.refusal()
+        error = batcher.refusal() if _kept_alive(scope) else None
         if error is not None:
-            # The unread body is the server's to discard (uvicorn does, keeping the connection).
+            # uvicorn reads and discards the unread body, keeping the connection. It closes one
+            # that is not kept alive right after the answer, and closing on unread data resets
+            # the connection, which can destroy the answer before the client reads it: such a
+            # request is judged when its body is in.
             await self.respond(error)(scope, receive, send)
             return
         chunks: list[bytes] = []
@@ -263,6 +266,14 @@ class AdmissionGateMiddleware:
             if record.reservation is not None:
                 batcher.release(record.reservation)
                 record.reservation = None
+
+
+def _kept_alive(scope: Scope) -> bool:
+    """Whether the connection outlives this request (HTTP/1.1 without ``Connection: close``)."""
+    if scope.get("http_version") == "1.0":
+        return False
+    connection = dict(scope["headers"]).get(b"connection", b"")
+    return b"close" not in connection.lower()
 
 
 def _listed(body: bytes) -> int | None:
