@@ -290,3 +290,12 @@ def test_room_the_gate_reserved_comes_back_when_the_body_fails_validation(
         # though the room left could not hold it either.
         over, _ = post(srv, {"query": "q", "passages": [*PASSAGES, "one more"]})
         assert over.status_code == 422 and over.json()["error"]["field"] == "passages"
+        # Nor is a body sent as another content type counted: its 422 says what to fix.
+        with srv.client() as c:
+            text = c.post(
+                "/rerank",
+                content=json.dumps({"query": "q", "passages": PASSAGES}),
+                headers={"content-type": "text/plain"},
+            )
+        assert text.status_code == 422 and "Content-Type" in text.json()["error"]["message"]
+        assert metric(srv, RESERVED) == 1000

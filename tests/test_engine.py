@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import onnx
 import pytest
+from live_server import free_port
 
 from crossrank import priority
 from crossrank.collate import pad_pairs
@@ -88,14 +93,20 @@ def test_unknown_inputs_are_refused(model_dir: ModelDir, tmp_path: Path) -> None
         OnnxEngine(odd, plan_session("cpu", [CPU]))
 
 
-def _niceness() -> dict[int, int]:
-    """Each thread of this process: its nice value (field 19 of /proc/self/task/TID/stat)."""
-    nice = {}
-    for tid in os.listdir("/proc/self/task"):
+def _threads(pid: int | str = "self") -> dict[int, tuple[int, int]]:
+    """Each thread of a process: its nice value and the CPU ticks it has used (fields 19, and
+    14 + 15, of /proc/PID/task/TID/stat)."""
+    threads = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
-            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
-            nice[int(tid)] = int(stat.rsplit(")", 1)[1].split()[16])
-    return nice
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            threads[int(tid)] = (int(fields[16]), int(fields[11]) + int(fields[12]))
+    return threads
+
+
+def _niceness() -> dict[int, int]:
+    """Each thread of this process: its nice value."""
+    return {tid: nice for tid, (nice, _) in _threads().items()}
 
 
 @pytest.mark.skipif(not priority.supported(), reason="per-thread niceness is Linux's")
@@ -122,3 +133,46 @@ def test_engine_threads_yield_the_cpu_and_nothing_else_does(model_dir: ModelDir)
     unlowered = OnnxEngine(model_dir.variant_path("fp32"), plan_session("cpu", [CPU], threads=3))
     assert unlowered.run(batch).shape == (1,)
     assert _niceness()[threading.get_native_id()] == base
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not priority.supported(), reason="per-thread niceness is Linux's")
+def test_in_a_serving_process_every_busy_thread_but_the_event_loop_is_lowered(
+    model_dir: ModelDir,
+) -> None:
+    """A real ``crossrank serve`` (the tokeniser's Rust thread pool is one per process, made on
+    its first use): the threads that score a request, tokenisation's included, run lowered; the
+    event loop (the process's main thread) does not."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "crossrank.cli", "serve", "--model", str(model_dir.path)]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--threads", "2"]
+    command += ["--engine-nice", "5", "--max-passages", "1000"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, "the server exited during start-up"
+            assert time.monotonic() < deadline, "the server never became ready"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url + "/ready").status_code == 200:
+                    break
+            time.sleep(0.1)
+        before = _threads(process.pid)
+        passages = [
+            f"the blue sky over the river and the city of paris {i} " * 40 for i in range(1000)
+        ]
+        body = {"query": "where is the sky blue", "passages": passages}
+        assert httpx.post(url + "/rerank", json=body, timeout=300).status_code == 200
+        after = _threads(process.pid)
+    finally:
+        process.kill()
+        process.wait()
+    base = os.getpriority(os.PRIO_PROCESS, os.getpid())
+    busy = {tid for tid, (_, ticks) in after.items() if ticks > before.get(tid, (0, 0))[1]}
+    # The loop parsed and answered; tokenisation's pool and onnxruntime's did the work.
+    assert process.pid in busy
+    assert after[process.pid][0] == base
+    lowered = busy - {process.pid}
+    assert len(lowered) >= 3, after
+    assert {after[tid][0] for tid in lowered} == {base + 5}, after

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 import threading
 import time
@@ -76,8 +77,11 @@ def test_ready_only_after_warm_up_and_metrics_present_from_start(model_dir: Mode
             'model_info{name="tiny-test-bert",provider="CPUExecutionProvider",variant="fp32",'
             'variant_choice="only candidate"}' in text
         )
+        frozen = gc.get_freeze_count()
         srv.engine.gate.set()
         srv.wait_ready()
+        # What was alive at ready is out of the cyclic collector's full passes (its stalls).
+        assert gc.get_freeze_count() > frozen
         with srv.client() as c:
             assert c.post("/rerank", json=BODY).status_code == 200
         assert (

@@ -49,6 +49,16 @@ def loads(body: bytes) -> Any:
         raise json.JSONDecodeError(str(exc), "", 0) from None
 
 
+def media_type(content_type: str) -> str:
+    """``application/json; charset=utf-8`` -> ``application/json``."""
+    return content_type.split(";")[0].strip()
+
+
+def is_json(content_type: str) -> bool:
+    """Whether a ``Content-Type`` says the body is JSON (the only body the routes take)."""
+    return media_type(content_type).lower() == "application/json"
+
+
 class StrictJSONRequest(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
@@ -64,14 +74,13 @@ class StrictJSONRoute(APIRoute):
         takes_body = self.body_field is not None
 
         async def strict(request: Request) -> Response:
-            if takes_body:
-                media_type = request.headers.get("content-type", "").split(";")[0].strip()
-                if media_type.lower() != "application/json":
-                    raise invalid(
-                        f"the body must be JSON sent as Content-Type: application/json, "
-                        f"not {media_type or 'no content type'!r}",
-                        "body",
-                    )
+            content_type = request.headers.get("content-type", "")
+            if takes_body and not is_json(content_type):
+                sent = media_type(content_type) or "no content type"
+                raise invalid(
+                    f"the body must be JSON sent as Content-Type: application/json, not {sent!r}",
+                    "body",
+                )
             return await handler(StrictJSONRequest(request.scope, request.receive))
 
         return strict

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from crossrank.engine import OnnxEngine, plan_session
 from crossrank.errors import ErrorType, ServiceError
 from crossrank.metrics import Metrics
 from crossrank.model_dir import Activation, ModelDir, load_model_dir
+from crossrank.priority import build_on_lowered_thread
 from crossrank.reranker import LongPassages, Reranker
 from crossrank.scheduling import AUTO_BATCH_TOKENS, BatchLimits
 from crossrank.score_cache import ScoreCache
@@ -91,7 +93,11 @@ class Service:
                 f"chunk_stride {s.chunk_stride} must be under the {window} passage tokens a "
                 f"window of {meta.name} holds beside a full query"
             )
-        probe = tokenizer.encode("warm up", ["the engine answers"]).pairs
+        # The tokeniser's Rust thread pool is made by its first parallel call, this one: made
+        # on a lowered thread, its threads inherit the lower priority (crossrank.priority).
+        probe = build_on_lowered_thread(
+            s.engine_nice, lambda: tokenizer.encode("warm up", ["the engine answers"])
+        ).pairs
         batch_tokens = s.max_batch_tokens or AUTO_BATCH_TOKENS[plan.device]
         batches = warmup_batches(probe[0], meta.max_length, batch_tokens, s.max_batch_pairs)
         # variant auto on a CPU times the candidates on a warm-up batch (crossrank.variant_choice),
@@ -137,6 +143,7 @@ class Service:
             calibration=meta.calibration,
             max_passages=s.max_passages,
             default_timeout_ms=s.default_timeout_ms,
+            nice=s.engine_nice,
             cache=(
                 ScoreCache(
                     s.score_cache_bytes, f"{meta.name}|{variant}|{meta.max_length}", self.metrics
@@ -180,6 +187,11 @@ class Service:
             self.batcher.healthy = False
             self.metrics.engine_healthy.set(0)
             return
+        # What is alive now lives as long as the service. Frozen, it is no longer walked by
+        # each full pass of the cyclic collector: a pause of the event loop, and so of every
+        # request in flight and every refusal, as long as that walk.
+        gc.collect()
+        gc.freeze()
         self.ready = True
         log.info("warm-up done over %d length buckets: ready", len(batches))
 

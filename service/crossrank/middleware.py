@@ -9,7 +9,6 @@ import logging
 import time
 from collections.abc import Callable, Collection
 
-import orjson
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
@@ -17,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crossrank.batcher import Batcher
 from crossrank.errors import ErrorType, ServiceError, error_response
+from crossrank.json_body import is_json
 from crossrank.metrics import Metrics
 from crossrank.request_context import RequestRecord, bind, current, request_id, unbind
 from crossrank.schemas import listed_items
@@ -198,16 +198,17 @@ class BodyLimitMiddleware:
 
 
 class AdmissionGateMiddleware:
-    """Admission meets a scoring request twice before the app reads it. When its headers
+    """Admission meets a scoring request twice before the app sees it. When its headers
     arrive, it is refused if no room at all is left (or the service drains, or its engine
-    stalled). The moment the last byte of its body arrives, a fast parse (orjson) counts the
-    passages it lists and reserves queue room for them (:meth:`Batcher.reserve`), or refuses it
-    with that 503; the reranker takes the reservation over (resized to the request's exact
-    bound) and this gives back whatever nobody took (a body that fails validation). So a
-    refusal costs neither the strict parse nor the validation of its body, and requests
-    arriving together are admitted in the order their bodies complete, each against the room
-    the ones before it took. A body the fast parse cannot count goes on unreserved: the strict
-    parser says what is wrong with it, or the reranker reserves for it as before."""
+    stalled). Then the gate reads the body itself, and the moment its last byte arrives a fast
+    parse (msgspec, the items left undecoded) counts the passages it lists and reserves queue
+    room for them (:meth:`Batcher.reserve`), or refuses it with that 503; the reranker takes
+    the reservation over (resized to the request's exact bound) and this gives back whatever
+    nobody took (a body that fails validation). So a refusal costs neither the framework's
+    routing nor the strict parse nor the validation of its body, and requests arriving together
+    are admitted in the order their bodies complete, each against the room the ones before it
+    took. A body not sent as JSON, or one the fast parse cannot count, goes on unreserved: the
+    strict parser says what is wrong with it, or the reranker reserves for it as before."""
 
     def __init__(
         self,
@@ -243,29 +244,74 @@ class AdmissionGateMiddleware:
             # request is judged when its body is in.
             await self.respond(error)(scope, receive, send)
             return
-        chunks: list[bytes] = []
-
-        async def gated_receive() -> Message:
-            message = await receive()
-            if message["type"] != "http.request":
-                return message
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                listed = _listed(b"".join(chunks))
-                chunks.clear()
-                # Over max_passages the route's 422 says why; a 503 would invite retries.
-                if listed and listed <= self.max_passages:
-                    # A refusal raised inside the framework's body read: the app's handler
-                    # answers it.
-                    record.reservation = batcher.reserve(listed)
-            return message
-
+        body = await _Body.read(receive)
+        headers = dict(scope["headers"])
+        listed = None
+        if body.complete and is_json(headers.get(b"content-type", b"").decode("latin-1")):
+            listed = listed_items(body.data)
+        # Over max_passages the route's 422 says why; a 503 would invite retries.
+        if listed and listed <= self.max_passages:
+            try:
+                record.reservation = batcher.reserve(listed)
+            except ServiceError as refused:
+                await self.respond(refused)(scope, receive, send)
+                return
         try:
-            await self.app(scope, gated_receive, send)
+            await self.app(scope, body.replay(receive), send)
         finally:
             if record.reservation is not None:
                 batcher.release(record.reservation)
                 record.reservation = None
+
+
+class _Body:
+    """A request body read ahead of the app, and how it ended: complete, cut short by the
+    client (``http.disconnect``), or by an exception from the receive chain (the body limit's
+    413 and 408), which the app's own read raises again so that its handler answers it."""
+
+    def __init__(self, data: bytes, end: Message | None, failure: Exception | None) -> None:
+        self.data = data
+        self.end = end  # the message after the body's bytes when it was not a body's last
+        self.failure = failure
+
+    @property
+    def complete(self) -> bool:
+        return self.end is None and self.failure is None
+
+    @classmethod
+    async def read(cls, receive: Receive) -> _Body:
+        chunks: list[bytes] = []
+        try:
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return cls(b"".join(chunks), message, None)
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return cls(b"".join(chunks), None, None)
+        except HTTPException as failure:
+            return cls(b"".join(chunks), None, failure)
+
+    def replay(self, receive: Receive) -> Receive:
+        """A receive that gives the app the body as one message, then how it ended, then
+        whatever ``receive`` gives (the disconnect that a route may wait for)."""
+        pending: list[Message] = [{"type": "http.request", "body": self.data, "more_body": False}]
+        if self.end is not None or self.failure is not None:
+            pending[0]["more_body"] = True
+        if self.end is not None:
+            pending.append(self.end)
+        failure = self.failure
+
+        async def replayed() -> Message:
+            nonlocal failure
+            if pending:
+                return pending.pop(0)
+            if failure is not None:
+                raised, failure = failure, None
+                raise raised
+            return await receive()
+
+        return replayed
 
 
 def _kept_alive(scope: Scope) -> bool:
@@ -274,14 +320,6 @@ def _kept_alive(scope: Scope) -> bool:
         return False
     connection = dict(scope["headers"]).get(b"connection", b"")
     return b"close" not in connection.lower()
-
-
-def _listed(body: bytes) -> int | None:
-    """The passages ``body`` lists (None: the strict parser is to judge it)."""
-    try:
-        return listed_items(orjson.loads(body))
-    except orjson.JSONDecodeError:
-        return None
 
 
 class RequestMetricsMiddleware:

@@ -1,11 +1,12 @@
-"""Inference yields the CPU: the engine's threads run at a lower scheduling priority.
+"""Work yields the CPU: the threads that tokenise and score run at a lower scheduling priority.
 
-On a CPU saturated by inference, the event loop (admission, refusals, probes, /metrics) and the
-tokeniser would otherwise wait for a timeslice among onnxruntime's threads, so a refusal that
-costs a millisecond of work would come back after many. Linux keeps a nice value per thread (a
-thread inherits its creator's), so raising it for the engine's threads alone leaves the rest of
-the process as it was; idle cores still go to inference, so throughput is unchanged when
-nothing else is runnable. Other systems have no per-thread niceness: there this does nothing.
+On a CPU saturated by inference and tokenisation, the event loop (admission, refusals, probes,
+/metrics) would otherwise wait for a timeslice among onnxruntime's threads and the tokeniser's
+Rust pool, so a refusal that costs a millisecond of work would come back after many. Linux keeps
+a nice value per thread (a thread inherits its creator's), so raising it for those threads alone
+leaves the event loop as it was; idle cores still go to the work, so throughput is unchanged
+when nothing else is runnable. Other systems have no per-thread niceness: there this does
+nothing.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from crossrank.chunking import Aggregation, aggregate
 from crossrank.errors import ErrorType, ServiceError, invalid
 from crossrank.metrics import Metrics
 from crossrank.model_dir import Activation, Calibration
+from crossrank.priority import lower_current_thread
 from crossrank.request_context import current
 from crossrank.score_cache import ScoreCache
 from crossrank.tokenization import (
@@ -95,6 +96,7 @@ class Reranker:
         default_timeout_ms: int,
         long_passages: LongPassages,
         cache: ScoreCache | None = None,
+        nice: int = 0,
     ) -> None:
         self._tokenizer = tokenizer
         self._batcher = batcher
@@ -105,8 +107,14 @@ class Reranker:
         self._default_timeout_ms = default_timeout_ms
         self.long_passages = long_passages
         self._cache = cache
-        # Tokenisation runs beside inference: its own thread, so it never queues behind a batch.
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crossrank-tokenize")
+        # Tokenisation runs beside inference: its own thread, so it never queues behind a batch;
+        # like inference, it yields the CPU to the event loop (``nice``, crossrank.priority).
+        self._pool = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="crossrank-tokenize",
+            initializer=lower_current_thread,
+            initargs=(nice,),
+        )
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import msgspec
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -108,16 +109,28 @@ def document_texts(
     return texts
 
 
-def listed_items(body: object) -> int | None:
-    """How many passages (``/rerank``) or documents (the Cohere routes) a parsed but not yet
-    validated body lists: a lower bound on the pairs its request will reserve, which admission
-    can judge before validation (crossrank.middleware.AdmissionGateMiddleware)."""
-    if isinstance(body, dict):
-        for name in ("passages", "documents"):
-            items = body.get(name)
-            if isinstance(items, list):
-                return len(items)
-    return None
+class _Listed(msgspec.Struct):
+    """A scoring body's item lists, each item left unread (msgspec.Raw): their number is all
+    admission needs, and skipping the strings' decoding halves the time a count takes."""
+
+    passages: list[msgspec.Raw] | None = None
+    documents: list[msgspec.Raw] | None = None
+
+
+_listed = msgspec.json.Decoder(_Listed)
+
+
+def listed_items(body: bytes) -> int | None:
+    """How many passages (``/rerank``) or documents (the Cohere routes) a JSON body lists,
+    before it is validated: a lower bound on the pairs its request will reserve, which admission
+    can judge first (crossrank.middleware.AdmissionGateMiddleware). None when the body is not an
+    object with such a list: the strict parser is to say what is wrong with it."""
+    try:
+        listed = _listed.decode(body)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError included; too deep
+        return None
+    items = listed.passages if listed.passages is not None else listed.documents
+    return None if items is None else len(items)
 
 
 class RerankRequest(BaseModel):

@@ -24,8 +24,8 @@ class Settings(BaseSettings):
         default=10,
         ge=0,
         le=19,
-        description="Added to the niceness of the engine's threads (Linux): on saturated cores "
-        "the event loop (admission, refusals, probes) and tokenisation run ahead of inference; "
+        description="Added to the niceness of the threads that tokenise and score (Linux): on "
+        "saturated cores the event loop (admission, refusals, probes) runs ahead of that work; "
         "0 = no change.",
     )
     cuda_device_id: int = Field(default=0, ge=0)

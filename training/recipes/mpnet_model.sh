@@ -90,10 +90,14 @@ classic)  # zero-shot, as default_model.sh's classic step
     "${BI_FLAGS[@]}" "${CUT_FLAGS[@]}" --out "$WORK/eval-cisi.json" ;;
 distill)  # the large tier's step 0 teaches the default's step 0 (LCE + MarginMSE, gates free)
   # on the first $DISTILL_GROUPS groups of the default recipe's mix (DENSE= mine mix there
-  # first); the teacher is the exported fp32 graph as served (faster here than torch's)
+  # first); the teacher is the exported fp32 graph as served (faster here than torch's). A
+  # resumed run (RESUME="--resume latest") keeps the scores it was trained on.
   DISTILL_GROUPS=${DISTILL_GROUPS:-2000}
-  head -n "$DISTILL_GROUPS" "$MINILM_WORK/groups/mix.jsonl" > "$WORK/mix-$DISTILL_GROUPS.jsonl"
-  $CR teach --groups "$WORK/mix-$DISTILL_GROUPS.jsonl" --teacher "$MODEL" --out "$WORK/taught.jsonl"
+  if [ -z "${RESUME:-}" ] || [ ! -s "$WORK/taught.jsonl" ]; then
+    head -n "$DISTILL_GROUPS" "$MINILM_WORK/groups/mix.jsonl" > "$WORK/mix-$DISTILL_GROUPS.jsonl"
+    $CR teach --groups "$WORK/mix-$DISTILL_GROUPS.jsonl" --teacher "$MODEL" \
+      --out "$WORK/taught.jsonl"
+  fi
   # shellcheck disable=SC2086  # RESUME is a list of flags
   $CR train --model "$MINILM_WORK/init" --groups "$WORK/taught.jsonl" --out "$WORK/distill" \
     --loss lce --distill-weight 1 --negatives 7 --batch-groups 4 --accumulation 2 --steps 200 \
