@@ -245,10 +245,8 @@ class AdmissionGateMiddleware:
             await self.respond(error)(scope, receive, send)
             return
         body = await _Body.read(receive)
-        headers = dict(scope["headers"])
-        listed = None
-        if body.complete and is_json(headers.get(b"content-type", b"").decode("latin-1")):
-            listed = listed_items(body.data)
+        content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+        listed = listed_items(body.data) if body.complete and is_json(content_type) else None
         # Over max_passages the route's 422 says why; a 503 would invite retries.
         if listed and listed <= self.max_passages:
             try:
@@ -295,9 +293,9 @@ class _Body:
     def replay(self, receive: Receive) -> Receive:
         """A receive that gives the app the body as one message, then how it ended, then
         whatever ``receive`` gives (the disconnect that a route may wait for)."""
-        pending: list[Message] = [{"type": "http.request", "body": self.data, "more_body": False}]
-        if self.end is not None or self.failure is not None:
-            pending[0]["more_body"] = True
+        pending: list[Message] = [
+            {"type": "http.request", "body": self.data, "more_body": not self.complete}
+        ]
         if self.end is not None:
             pending.append(self.end)
         failure = self.failure
