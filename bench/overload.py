@@ -2,10 +2,10 @@
 
 Fires ``--concurrent`` requests of ``--passages`` passages at once at a fresh ``crossrank serve``
 (the issue's case: 24 x 1,000 against a queue bound that admits 4), then the same burst again
-every second for ``--sustain-s`` seconds, and reports the latency of the 503s (p50/p99/max), the
-admitted pairs/s against a baseline that sends only as many requests as the queue admits, and
-the server's RSS. Bodies are encoded before the clock starts, so the client's JSON encoding is
-not counted in any latency.
+every second for ``--sustain-s`` seconds, and reports the latency of the 503s (p50/p99/max, and
+the first burst's slowest), the admitted pairs/s against a baseline that sends only as many
+requests as the queue admits, and the server's RSS. Bodies are encoded before the clock starts,
+so the client's JSON encoding is not counted in any latency.
 
     .venv/bin/python -m bench.overload --model models/crossrank-minilm-l6 \\
         --passages-file ../shared/data/trec-dl-2021/passages.jsonl.gz \\
