@@ -111,7 +111,7 @@ def document_texts(
 
 class _Listed(msgspec.Struct):
     """A scoring body's item lists, each item left unread (msgspec.Raw): their number is all
-    admission needs, and skipping the strings' decoding halves the time a count takes."""
+    admission needs, and a count that skips decoding the strings costs less than a full parse."""
 
     passages: list[msgspec.Raw] | None = None
     documents: list[msgspec.Raw] | None = None
