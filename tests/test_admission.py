@@ -54,13 +54,24 @@ def post(srv: RunningServer, body: dict) -> tuple[httpx.Response, float]:
     return response, time.monotonic() - started
 
 
+@contextlib.contextmanager
+def engine_shut(model_dir: ModelDir, max_queued_pairs: int) -> Iterator[RunningServer]:
+    """A ready server (up to 1,000 passages a request) whose engine finishes nothing until the
+    test sets ``srv.engine.gate``: the room admitted requests take stays taken."""
+    with run_server(
+        model_dir, gated=True, max_queued_pairs=max_queued_pairs, max_passages=1000
+    ) as srv:
+        srv.wait_ready()
+        assert srv.engine is not None
+        srv.engine.gate.clear()
+        yield srv
+
+
 def test_overload_refuses_fast_without_tokenising(
     model_dir: ModelDir, tokenised: list[str]
 ) -> None:
-    with run_server(model_dir, gated=True, max_queued_pairs=2000, max_passages=1000) as srv:
-        srv.wait_ready()
+    with engine_shut(model_dir, max_queued_pairs=2000) as srv:
         assert srv.engine is not None
-        srv.engine.gate.clear()  # nothing finishes: the room admitted requests hold stays held
         tokenised.clear()  # the warm-up's probe
         bodies = [{"query": f"query number {i}", "passages": PASSAGES} for i in range(16)]
         with ThreadPoolExecutor(16) as pool:
@@ -171,10 +182,8 @@ def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], dict]:
 def test_a_full_queue_refuses_before_reading_or_parsing_the_body(
     model_dir: ModelDir, parsed: list[str]
 ) -> None:
-    with run_server(model_dir, gated=True, max_queued_pairs=2000, max_passages=1000) as srv:
-        srv.wait_ready()
+    with engine_shut(model_dir, max_queued_pairs=2000) as srv:
         assert srv.engine is not None
-        srv.engine.gate.clear()
         port = int(srv.url.rsplit(":", 1)[1])
 
         def request_bytes(query: str, connection: str = "keep-alive") -> tuple[bytes, bytes]:
@@ -244,10 +253,8 @@ def one_request_held(model_dir: ModelDir) -> Iterator[tuple[RunningServer, Threa
     """A server with room for 1,500 pairs whose engine holds a 1,000-passage request (so 500
     are left) and a pool to send more from; on leaving, the engine lets go, the held request must
     succeed and all room must come back."""
-    with run_server(model_dir, gated=True, max_queued_pairs=1500, max_passages=1000) as srv:
-        srv.wait_ready()
+    with engine_shut(model_dir, max_queued_pairs=1500) as srv:
         assert srv.engine is not None
-        srv.engine.gate.clear()
         with ThreadPoolExecutor(2) as pool:
             held = pool.submit(post, srv, {"query": "held", "passages": PASSAGES})
             wait_for(lambda: metric(srv, RESERVED) == 1000)

@@ -10,8 +10,6 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from starlette.exceptions import HTTPException
-
 from crossrank.request_context import current
 from crossrank.responses import JSONResponse
 
@@ -59,10 +57,7 @@ RETRYABLE = frozenset(
 )
 
 
-class ServiceError(HTTPException):
-    """An HTTPException, so that one raised while the framework reads a body (a receive
-    wrapper's) reaches the app's handler as itself rather than as a generic 400."""
-
+class ServiceError(Exception):
     def __init__(
         self,
         type_: ErrorType,
@@ -71,7 +66,7 @@ class ServiceError(HTTPException):
         field: str | None = None,
         error_id: str | None = None,
     ) -> None:
-        super().__init__(STATUS[type_], message)
+        super().__init__(message)
         self.type = type_
         self.message = message
         self.field = field

@@ -236,7 +236,8 @@ class AdmissionGateMiddleware:
         ):
             await self.app(scope, receive, send)
             return
-        error = batcher.refusal() if _kept_alive(scope) else None
+        headers = dict(scope["headers"])
+        error = batcher.refusal() if _kept_alive(scope, headers) else None
         if error is not None:
             # uvicorn reads and discards the unread body, keeping the connection. It closes one
             # that is not kept alive right after the answer, and closing on unread data resets
@@ -245,7 +246,7 @@ class AdmissionGateMiddleware:
             await self.respond(error)(scope, receive, send)
             return
         body = await _Body.read(receive)
-        content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+        content_type = headers.get(b"content-type", b"").decode("latin-1")
         listed = listed_items(body.data) if body.complete and is_json(content_type) else None
         # Over max_passages the route's 422 says why; a 503 would invite retries.
         if listed and listed <= self.max_passages:
@@ -312,11 +313,11 @@ class _Body:
         return replayed
 
 
-def _kept_alive(scope: Scope) -> bool:
+def _kept_alive(scope: Scope, headers: dict[bytes, bytes]) -> bool:
     """Whether the connection outlives this request (HTTP/1.1 without ``Connection: close``)."""
     if scope.get("http_version") == "1.0":
         return False
-    connection = dict(scope["headers"]).get(b"connection", b"")
+    connection = headers.get(b"connection", b"")
     return b"close" not in connection.lower()
 
 
