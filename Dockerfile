@@ -38,7 +38,7 @@ USER 10001:10001
 EXPOSE 8080
 # /ready is 200 once the model is loaded and warmed up, 503 while warming, draining or failing.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-m", "crossrank.probe", "/ready"]
+    CMD ["python", "-m", "crossrank.ops.probe", "/ready"]
 # SIGTERM starts the drain: new requests get 503 shutting_down, admitted ones are answered, and
 # the process exits within CROSSRANK_DRAIN_GRACE_S (60 s by default, the default deadline). Give
 # it the time: `docker run --stop-timeout 75`, compose's stop_grace_period, Kubernetes'

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from crossrank.collate import PaddedBatch, pad_pairs
-from crossrank.engine import OnnxEngine, plan_session
-from crossrank.model_dir import ModelDir
-from crossrank.tokenization import EncodedPair
+from crossrank.model.collate import PaddedBatch, pad_pairs
+from crossrank.model.engine import OnnxEngine, plan_session
+from crossrank.model.model_dir import ModelDir
+from crossrank.model.tokenization import EncodedPair
 
 
 @dataclass(frozen=True)

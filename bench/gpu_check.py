@@ -61,10 +61,10 @@ from bench.engine_bench import Shape, run_engine
 from bench.ranking_agreement import ranking_agreement, thresholds_for
 from bench.service_bench import Server, closed_loop, latency
 from bench.workload import Request, Workload
-from crossrank.collate import pad_pairs
-from crossrank.engine import OnnxEngine, plan_session
-from crossrank.model_dir import ModelDir, load_model_dir
-from crossrank.tokenization import EncodedPair, load_pair_encoder
+from crossrank.model.collate import pad_pairs
+from crossrank.model.engine import OnnxEngine, plan_session
+from crossrank.model.model_dir import ModelDir, load_model_dir
+from crossrank.model.tokenization import EncodedPair, load_pair_encoder
 
 RESULTS = "gpu-check.md"
 SCORES = "gpu-check-scores.json"

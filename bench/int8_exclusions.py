@@ -23,8 +23,8 @@ from pathlib import Path
 
 import onnx
 
-from crossrank.model_dir import load_model_dir
-from crossrank.tokenization import PairTokenizer
+from crossrank.model.model_dir import load_model_dir
+from crossrank.model.tokenization import PairTokenizer
 from crossrank_train.agreement import Agreement, cases_from_eval_set, ranking_agreement
 from crossrank_train.evaluate import load_eval_set
 from crossrank_train.export import quantize_int8

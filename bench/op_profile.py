@@ -18,10 +18,10 @@ import onnxruntime as ort
 
 from bench.engine_bench import make_batches
 from bench.workload import Workload
-from crossrank.engine import CPU, plan_session
-from crossrank.model_dir import load_model_dir
-from crossrank.scheduling import AUTO_BATCH_TOKENS
-from crossrank.tokenization import PairTokenizer
+from crossrank.core.scheduling import AUTO_BATCH_TOKENS
+from crossrank.model.engine import CPU, plan_session
+from crossrank.model.model_dir import load_model_dir
+from crossrank.model.tokenization import PairTokenizer
 
 
 def op_times(model_file: Path, batches: list, threads: int) -> Counter[str]:

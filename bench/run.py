@@ -30,9 +30,9 @@ from bench.engine_bench import Shape, matmul_peak, pair_flops, run_engine
 from bench.queueing import fifo_p99
 from bench.service_bench import LoadResult, Server, closed_loop, latency, open_loop
 from bench.workload import Request, Workload
-from crossrank.model_dir import ModelDir, load_model_dir
-from crossrank.scheduling import AUTO_BATCH_TOKENS
-from crossrank.tokenization import EncodedPair, PairTokenizer
+from crossrank.core.scheduling import AUTO_BATCH_TOKENS
+from crossrank.model.model_dir import ModelDir, load_model_dir
+from crossrank.model.tokenization import EncodedPair, PairTokenizer
 
 SWEEP_BATCH_TOKENS = {
     "cpu": (512, 1024, 2048, 4096, 8192),

@@ -33,7 +33,7 @@ from bench import systems
 from bench.run import machine
 from bench.service_bench import Server, closed_loop
 from bench.workload import Workload
-from crossrank.variant_choice import INT8_FLAGS, read_cpu_flags
+from crossrank.model.variant_choice import INT8_FLAGS, read_cpu_flags
 
 PEERS_VENV = Path(__file__).parent / ".venv-st-peers"
 

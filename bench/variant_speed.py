@@ -7,7 +7,7 @@ float reference, and what ``variant: auto`` chooses here.
         --run ../shared/data/trec-dl-2021/runs/BM25.top100.run --out bench/results/variants.md
 
 Variants: those in the directory (fp32, int8, fp16) and fp32 rebuilt from fp16 when the directory
-has fp16 (crossrank.fp32_rebuild). Each query's BM25 candidates are scored as the CPU service
+has fp16 (crossrank.model.fp32_rebuild). Each query's BM25 candidates are scored as the CPU service
 batches a request (length-sorted, at most 1,024 padded tokens a batch). Agreement is against
 fp32 when the directory has it, else against the rebuilt fp32. Speed: ``--rounds`` passes over
 the first ``--time-queries`` queries, the variants taking turns in each round (so a change in
@@ -30,13 +30,13 @@ import numpy as np
 from bench.engine_bench import make_batches
 from bench.ranking_agreement import ranking_agreement
 from bench.run import machine
-from crossrank.engine import Engine, OnnxEngine, plan_session
-from crossrank.fp32_rebuild import FP32_FROM_FP16
-from crossrank.lifecycle import warmup_batches
-from crossrank.model_dir import load_model_dir
-from crossrank.scheduling import AUTO_BATCH_TOKENS
-from crossrank.tokenization import EncodedPair, load_pair_encoder
-from crossrank.variant_choice import INT8_FLAGS, load_variant, model_source, read_cpu_flags
+from crossrank.core.scheduling import AUTO_BATCH_TOKENS
+from crossrank.core.service import warmup_batches
+from crossrank.model.engine import Engine, OnnxEngine, plan_session
+from crossrank.model.fp32_rebuild import FP32_FROM_FP16
+from crossrank.model.model_dir import load_model_dir
+from crossrank.model.tokenization import EncodedPair, load_pair_encoder
+from crossrank.model.variant_choice import INT8_FLAGS, load_variant, model_source, read_cpu_flags
 
 ORDER = ("fp32", FP32_FROM_FP16, "fp16", "int8")
 

@@ -3,10 +3,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from live_server import RunningServer, run_server
-from tiny_model import build_model_dir
+from support import RunningServer, build_model_dir, run_server
 
-from crossrank.model_dir import ModelDir
+from crossrank.model.model_dir import ModelDir
 
 
 @pytest.fixture(scope="session")

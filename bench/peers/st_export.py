@@ -36,7 +36,7 @@ from sentence_transformers import (
     export_static_quantized_openvino_model,
 )
 
-from crossrank.variant_choice import read_cpu_flags
+from crossrank.model.variant_choice import read_cpu_flags
 
 
 def quantization_arch(flags: frozenset[str]) -> str:

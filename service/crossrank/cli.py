@@ -10,9 +10,9 @@ from pathlib import Path
 import onnxruntime as ort
 from pydantic import ValidationError
 
-from crossrank.engine import EngineConfigError, plan_session
-from crossrank.model_dir import ModelDirError, load_model_dir
-from crossrank.settings import Settings
+from crossrank.model.engine import EngineConfigError, plan_session
+from crossrank.model.model_dir import ModelDirError, load_model_dir
+from crossrank.ops.settings import Settings
 
 TRAINING_COMMANDS = ("train", "interpolate", "eval", "export", "mine", "teach", "calibrate")
 
@@ -58,7 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
     except (ModelDirError, EngineConfigError) as exc:
         print(f"crossrank serve: {exc}", file=sys.stderr)
         return 2
-    from crossrank.server import serve
+    from crossrank.http.server import serve
 
     serve(settings)
     return 0

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_model import build_model, build_tokenizer
+from support import build_model, build_tokenizer
 from toy_data import GRADED_LEVELS, MAX_LENGTH, MAX_QUERY_TOKENS, graded_groups
 from transformers import BertForSequenceClassification
 
-from crossrank.model_dir import TOKENIZER_FILE
+from crossrank.model.model_dir import TOKENIZER_FILE
 from crossrank_train.groups import write_groups
 from crossrank_train.train import TrainConfig, train
 

@@ -26,7 +26,7 @@ from transformers import (
     XLMRobertaForSequenceClassification,
 )
 
-from crossrank.model_dir import TOKENIZER_FILE
+from crossrank.model.model_dir import TOKENIZER_FILE
 
 WINDOW = 128
 # Weights drawn wider than the usual 0.02: at 0.02 a random network's attention is near uniform

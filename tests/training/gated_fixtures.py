@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tiny_model import build_tokenizer
+from support import build_tokenizer
 from transformers import BertConfig, BertModel
 
 from crossrank_train.gated_bert import term_idf

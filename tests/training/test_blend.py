@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 from gated_fixtures import bi_encoder_dir, idf_table
-from tiny_model import build_tokenizer
+from support import build_tokenizer
 
-from crossrank.collate import pad_pairs
-from crossrank.tokenization import PairTokenizer
+from crossrank.model.collate import pad_pairs
+from crossrank.model.tokenization import PairTokenizer
 from crossrank_train.blend import (
     Blend,
     combine,

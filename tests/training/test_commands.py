@@ -8,7 +8,7 @@ from pathlib import Path
 
 from toy_data import FILLER, GRADED_LEVELS, MARKER
 
-from crossrank.model_dir import load_model_dir
+from crossrank.model.model_dir import load_model_dir
 from crossrank_train.cli import main
 from crossrank_train.groups import read_groups
 

@@ -8,15 +8,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from tiny_model import build_model, build_model_dir, build_tokenizer
+from support import build_model, build_model_dir, build_tokenizer
 from toy_data import GRADED_LEVELS, MAX_LENGTH, MAX_QUERY_TOKENS, graded_cases
 from transformers import BertForSequenceClassification
 
 import crossrank_train.export as export_module
-from crossrank.collate import pad_pairs
-from crossrank.engine import OnnxEngine, plan_session
-from crossrank.model_dir import METADATA_FILE, Activation, load_model_dir
-from crossrank.tokenization import PairTokenizer
+from crossrank.model.collate import pad_pairs
+from crossrank.model.engine import OnnxEngine, plan_session
+from crossrank.model.model_dir import METADATA_FILE, Activation, load_model_dir
+from crossrank.model.tokenization import PairTokenizer
 from crossrank_train.agreement import (
     THRESHOLDS,
     AgreementError,

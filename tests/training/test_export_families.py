@@ -10,14 +10,13 @@ import onnx
 import pytest
 import torch
 from family_checkpoints import FAMILIES, WINDOW, Family, save_family_checkpoint
-from live_server import RunningServer, run_server
-from tiny_model import WORDS
+from support import WORDS, RunningServer, run_server
 from tokenizers import Tokenizer
 from toy_data import GRADED_LEVELS, graded_cases, graded_groups
 from transformers import AutoModelForSequenceClassification
 
-from crossrank.model_dir import METADATA_FILE, TOKENIZER_FILE, Activation, load_model_dir
-from crossrank.tokenization import load_pair_encoder
+from crossrank.model.model_dir import METADATA_FILE, TOKENIZER_FILE, Activation, load_model_dir
+from crossrank.model.tokenization import load_pair_encoder
 from crossrank_train.cli import main
 from crossrank_train.export import PARITY_TOLERANCE
 from crossrank_train.groups import write_groups

@@ -12,13 +12,18 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from live_server import RunningServer, run_server
-from tiny_tokenizers import QWEN3_RERANKER_PROMPT, qwen
+from support import QWEN3_RERANKER_PROMPT, RunningServer, qwen, run_server
 from toy_data import GRADED_LEVELS, graded_cases, graded_groups
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from crossrank.model_dir import METADATA_FILE, TOKENIZER_FILE, Activation, ModelDir, load_model_dir
-from crossrank.tokenization import EncodedPair, PromptTokenizer, load_pair_encoder
+from crossrank.model.model_dir import (
+    METADATA_FILE,
+    TOKENIZER_FILE,
+    Activation,
+    ModelDir,
+    load_model_dir,
+)
+from crossrank.model.tokenization import EncodedPair, PromptTokenizer, load_pair_encoder
 from crossrank_train.cli import main
 from crossrank_train.export import PARITY_TOLERANCE, quantize_int8, vector_matmuls
 from crossrank_train.groups import write_groups

@@ -10,11 +10,11 @@ import onnx
 import pytest
 import torch
 from gated_fixtures import REFERENCE, bi_encoder_dir, idf_table
-from tiny_model import build_tokenizer
+from support import build_tokenizer
 from transformers import AutoModelForSequenceClassification, BertModel
 
-from crossrank.collate import pad_pairs
-from crossrank.tokenization import PairTokenizer
+from crossrank.model.collate import pad_pairs
+from crossrank.model.tokenization import PairTokenizer
 from crossrank_train.export import convert_fp16, export_onnx, fuse, head_nodes, onnx_logits
 from crossrank_train.gated_bert import (
     BM25Params,

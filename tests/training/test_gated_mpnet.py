@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_model import WORDS
+from support import WORDS
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from toy_data import GRADED_LEVELS, graded_cases
 from transformers import AutoModelForSequenceClassification, MPNetConfig, MPNetModel
 
-from crossrank.collate import pad_pairs
-from crossrank.engine import OnnxEngine, plan_session
-from crossrank.model_dir import load_model_dir
-from crossrank.tokenization import PairTokenizer
+from crossrank.model.collate import pad_pairs
+from crossrank.model.engine import OnnxEngine, plan_session
+from crossrank.model.model_dir import load_model_dir
+from crossrank.model.tokenization import PairTokenizer
 from crossrank_train.export import PARITY_TOLERANCE, export_checkpoint
 from crossrank_train.fetch_base import RECORD_FILE
 from crossrank_train.gated_bert import lexical_match, pair_template_tokenizer, segments, term_idf

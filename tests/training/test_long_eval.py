@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from crossrank.chunking import Aggregation
-from crossrank.engine import CPU, OnnxEngine, plan_session
-from crossrank.model_dir import ModelDir
-from crossrank.tokenization import Chunking, PairTokenizer
+from crossrank.features.chunking import Aggregation
+from crossrank.model.engine import CPU, OnnxEngine, plan_session
+from crossrank.model.model_dir import ModelDir
+from crossrank.model.tokenization import PairTokenizer
 from crossrank_train.long_eval import WindowScorer
 
 QUERY = "capital of france"
@@ -20,7 +20,7 @@ LONG = " ".join(["the blue sky over the river and the city"] * 30) + " paris is 
 def test_window_scorers_agree_where_they_must(model_dir: ModelDir) -> None:
     engine = OnnxEngine(model_dir.variant_path("fp32"), plan_session("cpu", [CPU]))
     tokenizer = PairTokenizer(model_dir.tokenizer_path, 16, 64)
-    chunking = Chunking(8, 20)
+    chunking = (tokenizer.windows(8), 20)
     truncate = WindowScorer(engine, tokenizer, "truncate", None, None).score(QUERY, [SHORT, LONG])
     scored = {
         how: WindowScorer(engine, tokenizer, how.value, chunking, how).score(QUERY, [SHORT, LONG])
@@ -30,6 +30,6 @@ def test_window_scorers_agree_where_they_must(model_dir: ModelDir) -> None:
         assert scored[how][0] == pytest.approx(truncate[0], abs=1e-5)
     assert scored[Aggregation.FIRST][1] == pytest.approx(truncate[1], abs=1e-5)
     assert scored[Aggregation.MAX][1] >= scored[Aggregation.MEAN][1] - 1e-6
-    windows = tokenizer.encode(QUERY, [LONG], chunking=chunking).pairs
+    windows = chunking[0].encode(QUERY, [LONG], chunking[1]).pairs
     assert len(windows) > 3
     assert not np.isclose(scored[Aggregation.MAX][1], scored[Aggregation.FIRST][1])

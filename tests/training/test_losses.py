@@ -9,7 +9,7 @@ import pytest
 import torch
 from toy_data import MAX_LENGTH, MAX_QUERY_TOKENS, planted_groups
 
-from crossrank.tokenization import PairTokenizer
+from crossrank.model.tokenization import PairTokenizer
 from crossrank_train.groups import Group, write_groups
 from crossrank_train.losses import bce_loss, group_loss, lce_loss, margin_mse_loss
 from crossrank_train.models import load_cross_encoder, tokenizer_file

@@ -5,7 +5,7 @@ import random
 from pathlib import Path
 
 import pytest
-from tiny_model import WORDS
+from support import WORDS
 
 from crossrank_train.bm25 import Bm25Index
 from crossrank_train.cli import main

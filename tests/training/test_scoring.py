@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from live_server import run_server
+from support import run_server
 
-from crossrank.collate import PaddedBatch
-from crossrank.model_dir import ModelDir
-from crossrank.scheduling import BatchLimits
+from crossrank.core.scheduling import BatchLimits
+from crossrank.model.collate import PaddedBatch
+from crossrank.model.model_dir import ModelDir
 from crossrank_train.scoring import OnnxScorer, load_scorer, served_batches, served_limits
 
 QUERY = "blue sky over water"

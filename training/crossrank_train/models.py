@@ -18,7 +18,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from crossrank.model_dir import TOKENIZER_FILE
+from crossrank.model.model_dir import TOKENIZER_FILE
 from crossrank_train import gated_bert, gated_mpnet  # noqa: F401  (register their model types)
 
 PROVENANCE_FILE = "crossrank_train.json"

@@ -16,12 +16,12 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 from transformers import AutoModel, PreTrainedModel
 
-from crossrank.collate import PaddedBatch, pad_pairs
-from crossrank.engine import CPU, OnnxEngine, plan_session
-from crossrank.model_dir import METADATA_FILE, load_model_dir
-from crossrank.scheduling import AUTO_BATCH_TOKENS, BatchLimits, RequestView, plan_batch
-from crossrank.settings import Settings
-from crossrank.tokenization import EncodedPair, PairEncoder, PairTokenizer, load_pair_encoder
+from crossrank.core.scheduling import AUTO_BATCH_TOKENS, BatchLimits, RequestView, plan_batch
+from crossrank.model.collate import PaddedBatch, pad_pairs
+from crossrank.model.engine import CPU, OnnxEngine, plan_session
+from crossrank.model.model_dir import METADATA_FILE, load_model_dir
+from crossrank.model.tokenization import EncodedPair, PairEncoder, PairTokenizer, load_pair_encoder
+from crossrank.ops.settings import Settings
 from crossrank_train.encoding import batch_feeds, to_tensors
 from crossrank_train.models import (
     load_cross_encoder,

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
-from crossrank.tokenization import PairTokenizer
+from crossrank.model.tokenization import PairTokenizer
 from crossrank_train.checkpoints import (
     MODEL_SUBDIR,
     TrainState,

@@ -1,0 +1,1 @@
+"""The serving core: admission, the scoring pipeline, the queue and its worker. No web imports."""

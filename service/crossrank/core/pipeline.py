@@ -1,0 +1,255 @@
+"""Scoring one request, step by step: check it, grow its permit to its bound, tokenise (off the
+event loop), take what the score cache knows, queue the rest and wait for their logits, then
+aggregate windows and rank. Every step is a method a reader need not scroll; the request's
+permit (crossrank.core.admission) comes in as an argument, and its counts and timings go back
+up with the ranking, for the HTTP layer to log and measure."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from crossrank.core.admission import Permit
+from crossrank.core.errors import ErrorType, InvalidInput, ServiceError
+from crossrank.core.queue import PairQueue
+from crossrank.core.ranking import Ranked, ScoreScale, Timings, rank
+from crossrank.features.chunking import LongPassages, pair_bound, passage_scores
+from crossrank.features.score_cache import ScoreCache
+from crossrank.model.tokenization import (
+    EncodedPair,
+    EncodedRequest,
+    PairTokenizer,
+    PassageTooLongError,
+    PromptTokenizer,
+    QueryTooLongError,
+    WindowTokenizer,
+)
+from crossrank.ops.metrics import Metrics
+from crossrank.ops.priority import lower_current_thread
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreRequest:
+    """What a client asks, whatever route it came by."""
+
+    query: str
+    passages: list[str]
+    raw_scores: bool = False
+    truncate: bool = True
+    timeout_ms: int | None = None
+    instruction: str | None = None
+    max_passage_tokens: int | None = None
+    # Long passages: None keeps the server's default.
+    long_passages: str | None = None  # "truncate" or "chunk"
+    chunk_aggregation: str | None = None
+    max_chunks_per_doc: int | None = None
+
+
+class Pipeline:
+    def __init__(
+        self,
+        encoder: PairTokenizer | PromptTokenizer,
+        windows: WindowTokenizer | None,
+        queue: PairQueue,
+        scale: ScoreScale,
+        metrics: Metrics,
+        *,
+        max_passages: int,
+        default_timeout_ms: int,
+        long_passages: LongPassages,
+        cache: ScoreCache | None = None,
+        nice: int = 0,
+    ) -> None:
+        self._encoder = encoder
+        self._windows = windows  # None: the model cannot chunk
+        self._queue = queue
+        self._scale = scale
+        self._metrics = metrics
+        self._max_passages = max_passages
+        self._default_timeout_ms = default_timeout_ms
+        self.long_passages = long_passages  # the server's defaults
+        self._cache = cache
+        # Tokenisation runs beside inference: its own thread, so it never queues behind a batch;
+        # like inference, it yields the CPU to the event loop (``nice``, crossrank.ops.priority).
+        self._pool = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="crossrank-tokenize",
+            initializer=lower_current_thread,
+            initargs=(nice,),
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    async def score(self, request: ScoreRequest, permit: Permit) -> Ranked:
+        """Rank ``request``'s passages; ``permit`` is grown to the request's pairs (or the
+        request refused) before any work, and shrunk to what is queued."""
+        arrived = time.monotonic()
+        long = self.long_passages.override(
+            request.long_passages, request.chunk_aggregation, request.max_chunks_per_doc
+        )
+        permit.resize(self._bound(request, long))
+        encoded, tokenize_s = await self._tokenize(request, long)
+        self._check_pairs(request, encoded, permit.pairs)
+        keys, logits, missing = await self._cached(encoded)
+        permit.resize(len(missing))
+        queue_s = inference_s = None
+        if missing:
+            deadline = arrived + (request.timeout_ms or self._default_timeout_ms) / 1000
+            pairs = [encoded.pairs[i] for i in missing]
+            scored, queue_s, inference_s = await self._infer(permit, pairs, deadline)
+            logits[missing] = scored
+            if self._cache is not None and keys is not None:
+                self._cache.put([keys[i] for i in missing], scored.tolist())
+        timings = Timings(
+            1000 * tokenize_s,
+            None if queue_s is None else 1000 * queue_s,
+            None if inference_s is None else 1000 * inference_s,
+        )
+        return self._ranked(request, long, encoded, logits, timings)
+
+    def _bound(self, request: ScoreRequest, long: LongPassages) -> int:
+        """The most pairs the request can make: its admission is judged on that. Chunked, what
+        the windows do not use is given back once they are cut."""
+        count = len(request.passages)
+        if count > self._max_passages:
+            raise InvalidInput(
+                f"{count} sent; this server takes at most {self._max_passages}", "passages"
+            )
+        if not long.chunk:
+            return count
+        return pair_bound(count, long.max_chunks, self._max_passages)
+
+    def _tokenizer_call(
+        self, request: ScoreRequest, long: LongPassages
+    ) -> Callable[[], EncodedRequest]:
+        """The encoder this request needs, bound to its arguments; a 422 if the model has none."""
+        r = request
+        if r.instruction is not None and not self._encoder.takes_instruction:
+            raise InvalidInput("this model takes no instruction", "instruction")
+        if long.chunk:
+            if self._windows is None:
+                raise InvalidInput(
+                    "this model's pairs are one prompt text: it cannot chunk long passages",
+                    "long_passages",
+                )
+            return functools.partial(
+                self._windows.encode,
+                r.query,
+                r.passages,
+                long.max_chunks,
+                r.truncate,
+                r.max_passage_tokens,
+            )
+        if r.instruction is not None:
+            assert isinstance(self._encoder, PromptTokenizer)  # the only one taking one
+            return functools.partial(
+                self._encoder.encode,
+                r.query,
+                r.passages,
+                r.truncate,
+                r.max_passage_tokens,
+                instruction=r.instruction,
+            )
+        return functools.partial(
+            self._encoder.encode, r.query, r.passages, r.truncate, r.max_passage_tokens
+        )
+
+    async def _tokenize(
+        self, request: ScoreRequest, long: LongPassages
+    ) -> tuple[EncodedRequest, float]:
+        call = self._tokenizer_call(request, long)
+        started = time.monotonic()
+        try:
+            encoded = await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        except QueryTooLongError as exc:
+            raise InvalidInput(
+                f"{exc.tokens} tokens, over the model's budget of {exc.budget}; shorten it or "
+                "send truncate=true",
+                "query",
+            ) from None
+        except PassageTooLongError as exc:
+            raise InvalidInput(
+                f"a pair of {exc.tokens} tokens, over the model's max length of "
+                f"{exc.max_length}; shorten it or send truncate=true",
+                "passages",
+                exc.index,
+            ) from None
+        spent = time.monotonic() - started
+        self._metrics.tokenization.observe(spent)
+        return encoded, spent
+
+    def _check_pairs(self, request: ScoreRequest, encoded: EncodedRequest, bound: int) -> None:
+        if len(encoded.pairs) > bound:
+            raise InvalidInput(
+                f"{len(request.passages)} passages make {len(encoded.pairs)} windows; this "
+                f"server scores at most {self._max_passages} pairs a request: send fewer "
+                "passages or a lower max_chunks_per_doc",
+                "passages",
+            )
+
+    async def _cached(
+        self, encoded: EncodedRequest
+    ) -> tuple[list[bytes] | None, np.ndarray, list[int]]:
+        """The pairs' keys, their logits (the cache's, where it has them) and the positions
+        the cache does not answer."""
+        if self._cache is None:
+            n = len(encoded.pairs)
+            return None, np.zeros(n, dtype=np.float32), list(range(n))
+        keys = await asyncio.get_running_loop().run_in_executor(
+            self._pool, self._cache.keys, encoded.pairs
+        )
+        return keys, *self._cache.lookup(keys)
+
+    async def _infer(
+        self, permit: Permit, pairs: list[EncodedPair], deadline: float
+    ) -> tuple[np.ndarray, float, float]:
+        """The pairs' logits from the queue, and the seconds they spent queued and in the
+        engine."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ServiceError(
+                ErrorType.DEADLINE_EXCEEDED, "the request's deadline passed during tokenisation"
+            )
+        ticket = self._queue.submit(permit, pairs, remaining)
+        self._metrics.inflight_requests.inc()
+        try:
+            scored = await self._queue.wait(ticket)
+        finally:
+            self._metrics.inflight_requests.dec()
+        return scored, *ticket.timings()
+
+    def _ranked(
+        self,
+        request: ScoreRequest,
+        long: LongPassages,
+        encoded: EncodedRequest,
+        logits: np.ndarray,
+        timings: Timings,
+    ) -> Ranked:
+        spans = None
+        if encoded.owners is not None and encoded.spans is not None:
+            logits, spans = passage_scores(
+                logits,
+                encoded.owners,
+                encoded.spans,
+                len(request.passages),
+                long.aggregation,
+            )
+        # Rank by logit: the sigmoid saturates to equal scores for large, different logits.
+        return Ranked(
+            order=rank(logits),
+            scores=self._scale.scores(logits, request.raw_scores),
+            pairs=len(request.passages),
+            tokens=encoded.tokens,
+            truncated=encoded.truncated,
+            chunks=len(encoded.pairs),
+            timings=timings,
+            spans=spans,
+        )

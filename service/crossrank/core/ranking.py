@@ -1,0 +1,71 @@
+"""A request's answer: its passages ranked by logit, the scores a client sees, and what it
+cost (counts and timings, which the HTTP layer turns into the access line and metrics)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from crossrank.model.model_dir import Activation, Calibration, sigmoid
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Milliseconds a request spent in each step; queue and inference are None when every pair
+    came from the score cache."""
+
+    tokenize_ms: float
+    queue_ms: float | None = None
+    inference_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    order: np.ndarray  # passage indices, best first
+    scores: np.ndarray  # score of each passage, by index
+    pairs: int  # passages scored
+    tokens: int
+    truncated: int
+    chunks: int  # pairs sent to the model: windows when chunked
+    timings: Timings
+    # Chunked: per passage, the window that scored it (number, first char, one past its last).
+    spans: list[tuple[int, int, int]] | None = None
+
+    def span(self, index: int) -> dict[str, int] | None:
+        if self.spans is None:
+            return None
+        chunk, start, end = self.spans[index]
+        return {"chunk": chunk, "start": start, "end": end}
+
+    def best(self, limit: int | None, min_score: float | None = None) -> list[tuple[int, float]]:
+        """(index, score) of the best ``limit`` passages (all when None) scoring at least
+        ``min_score``, best first."""
+        order = self.order.tolist()
+        if min_score is not None:
+            # Scores are monotone in the logits ranked by: the passing ones are a prefix.
+            order = [i for i in order if self.scores[i] >= min_score]
+        return [(index, float(self.scores[index])) for index in order[:limit]]
+
+
+def rank(logits: np.ndarray) -> np.ndarray:
+    """Indices by logit descending, ties by index ascending (a stable, reproducible order)."""
+    return np.lexsort((np.arange(logits.shape[0]), -logits))
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreScale:
+    """What a client sees of a logit: the logit when it asks for it, else the calibrated
+    probability, else (an uncalibrated model) the model's own activation of the logit."""
+
+    activation: Activation
+    calibration: Calibration | None
+
+    def scores(self, logits: np.ndarray, raw_scores: bool) -> np.ndarray:
+        if raw_scores:
+            return logits
+        if self.calibration is not None:
+            return self.calibration.probability(logits)
+        if self.activation is Activation.IDENTITY:
+            return logits
+        return sigmoid(logits)

@@ -1,0 +1,1 @@
+"""Features the pipeline calls, one module each: long-passage chunking, the score cache."""

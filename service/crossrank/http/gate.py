@@ -1,0 +1,147 @@
+"""The admission gate: a scoring request is admitted, or refused with 503, before the framework
+parses its body (refusing must cost less than the work it spares, or an overload feeds itself).
+
+It meets a request twice. When its headers arrive, it is refused if no room at all is left (or
+the service drains, or its engine stalled). Then the gate reads the body itself, and the moment
+its last byte arrives a fast parse (msgspec, the items left undecoded) counts the passages it
+lists and acquires a permit for them (crossrank.core.admission), or refuses it. So a refusal
+costs neither the framework's routing nor the strict parse nor the validation of its body, and
+requests arriving together are admitted in the order their bodies complete, each against the
+room the ones before it took. The permit reaches the route in the request's scope
+(:func:`request_permit`), and the route hands it to the pipeline as an argument. A body not
+sent as JSON, or one the fast parse cannot count, goes on without one: the strict parser says
+what is wrong with it, or the pipeline's permit grows from nothing, judged the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from crossrank.core.admission import Admission, Permit
+from crossrank.core.errors import ServiceError
+from crossrank.http.json_body import is_json
+from crossrank.http.schemas import listed_items
+
+PERMIT = "crossrank_permit"  # the gate's permit's key in scope["state"]
+
+
+def request_permit(scope: Scope, admission: Admission) -> Permit:
+    """The permit the gate acquired for this request, else one holding no room yet, which the
+    pipeline grows to the request's bound (or is refused)."""
+    held = scope.get("state", {}).get(PERMIT)
+    return held if held is not None else admission.acquire(0)
+
+
+class AdmissionGateMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        paths: Collection[str],
+        admission: Callable[[], Admission | None],
+        max_passages: int,
+        respond: Callable[[ServiceError, Scope], Response],
+    ) -> None:
+        self.app = app
+        self.paths = frozenset(paths)
+        # None only until the service's start-up has built it (before any request is served).
+        self.admission = admission
+        self.max_passages = max_passages
+        self.respond = respond
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        admission = self.admission()
+        if (
+            admission is None
+            or scope["type"] != "http"
+            or scope["method"] != "POST"
+            or scope["path"] not in self.paths
+        ):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        error = admission.refusal() if _kept_alive(scope, headers) else None
+        if error is not None:
+            # uvicorn reads and discards the unread body, keeping the connection. It closes one
+            # that is not kept alive right after the answer, and closing on unread data resets
+            # the connection, which can destroy the answer before the client reads it: such a
+            # request is judged when its body is in.
+            await self.respond(error, scope)(scope, receive, send)
+            return
+        body = await _Body.read(receive)
+        content_type = headers.get(b"content-type", b"").decode("latin-1")
+        listed = listed_items(body.data) if body.complete and is_json(content_type) else None
+        # Over max_passages the route's 422 says why; a 503 would invite retries.
+        if not listed or listed > self.max_passages:
+            await self.app(scope, body.replay(receive), send)
+            return
+        try:
+            permit = admission.acquire(listed)
+        except ServiceError as refused:
+            await self.respond(refused, scope)(scope, receive, send)
+            return
+        async with permit:
+            scope.setdefault("state", {})[PERMIT] = permit
+            await self.app(scope, body.replay(receive), send)
+
+
+class _Body:
+    """A request body read ahead of the app, and how it ended: complete, cut short by the
+    client (``http.disconnect``), or by an exception from the receive chain (the body limit's
+    413 and 408), which the app's own read raises again so that its handler answers it."""
+
+    def __init__(self, data: bytes, end: Message | None, failure: Exception | None) -> None:
+        self.data = data
+        self.end = end  # the message after the body's bytes when it was not a body's last
+        self.failure = failure
+
+    @property
+    def complete(self) -> bool:
+        return self.end is None and self.failure is None
+
+    @classmethod
+    async def read(cls, receive: Receive) -> _Body:
+        chunks: list[bytes] = []
+        try:
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return cls(b"".join(chunks), message, None)
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return cls(b"".join(chunks), None, None)
+        except HTTPException as failure:
+            return cls(b"".join(chunks), None, failure)
+
+    def replay(self, receive: Receive) -> Receive:
+        """A receive that gives the app the body as one message, then how it ended, then
+        whatever ``receive`` gives (the disconnect that a route may wait for)."""
+        pending: list[Message] = [
+            {"type": "http.request", "body": self.data, "more_body": not self.complete}
+        ]
+        if self.end is not None:
+            pending.append(self.end)
+        failure = self.failure
+
+        async def replayed() -> Message:
+            nonlocal failure
+            if pending:
+                return pending.pop(0)
+            if failure is not None:
+                raised, failure = failure, None
+                raise raised
+            return await receive()
+
+        return replayed
+
+
+def _kept_alive(scope: Scope, headers: dict[bytes, bytes]) -> bool:
+    """Whether the connection outlives this request (HTTP/1.1 without ``Connection: close``)."""
+    if scope.get("http_version") == "1.0":
+        return False
+    connection = headers.get(b"connection", b"")
+    return b"close" not in connection.lower()

@@ -1,0 +1,211 @@
+"""HTTP routes: parse, call the pipeline, shape the answer. Nothing else lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from fastapi import APIRouter, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from starlette.responses import PlainTextResponse, Response
+
+from crossrank.core.errors import ErrorType
+from crossrank.core.pipeline import ScoreRequest
+from crossrank.core.ranking import Ranked
+from crossrank.core.service import Service
+from crossrank.http.context import record_of
+from crossrank.http.gate import request_permit
+from crossrank.http.json_body import StrictJSONRoute
+from crossrank.http.schemas import (
+    CohereRerankRequest,
+    CohereResponse,
+    CohereResult,
+    HealthResponse,
+    InfoResponse,
+    ReadyResponse,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    Usage,
+    cohere_document,
+    document_texts,
+    error_responses,
+)
+
+# nginx's code for "client closed request": logged and counted, never seen by the client.
+CLIENT_CLOSED = 499
+
+router = APIRouter(route_class=StrictJSONRoute)
+
+# What a rerank route can answer besides 200 (documented in the OpenAPI, checked by fuzzing).
+RERANK_ERRORS = error_responses(
+    ErrorType.UNAUTHORIZED,
+    ErrorType.REQUEST_TIMEOUT,
+    ErrorType.BODY_TOO_LARGE,
+    ErrorType.INVALID_REQUEST,
+    ErrorType.ENGINE_FAILURE,
+    ErrorType.INTERNAL,
+    ErrorType.QUEUE_FULL,
+    ErrorType.NOT_READY,
+    ErrorType.SHUTTING_DOWN,
+    ErrorType.ENGINE_STALLED,
+    ErrorType.DEADLINE_EXCEEDED,
+)
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def _json(body: BaseModel, status: int = 200, exclude_none: bool = True) -> Response:
+    """A response model rendered by pydantic's serialiser (unset optional fields left out)."""
+    return Response(
+        body.model_dump_json(exclude_none=exclude_none),
+        status_code=status,
+        media_type="application/json",
+    )
+
+
+async def _score(request: Request, job: ScoreRequest) -> Ranked | None:
+    """Score ``job`` on the request's permit; None if the client went away first (its queued
+    pairs are then dropped). The body has been read, so the next ASGI message is the
+    disconnect."""
+    pipeline, admission = _service(request).require_ready()
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async with request_permit(request.scope, admission) as permit:
+        task = asyncio.ensure_future(pipeline.score(job, permit))
+        watcher = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return None
+    ranked = task.result()
+    record = record_of(request.scope)
+    if record is not None:
+        record.scored(ranked)
+    return ranked
+
+
+@router.post(
+    "/rerank",
+    response_model=RerankResponse,
+    responses=RERANK_ERRORS,
+    summary="Score passages against a query and return them best first.",
+)
+async def rerank(body: RerankRequest, request: Request) -> Response:
+    service = _service(request)
+    texts = document_texts(body.passages, body.rank_fields, "passages")
+    ranked = await _score(request, body.job(texts))
+    if ranked is None:
+        return Response(status_code=CLIENT_CLOSED)
+    results = [
+        RerankResult(
+            index=i,
+            score=score,
+            passage=texts[i] if body.return_passages else None,
+            span=ranked.span(i),
+        )
+        for i, score in ranked.best(body.top_k, body.min_score)
+    ]
+    usage = Usage(
+        pairs=ranked.pairs, chunks=ranked.chunks, tokens=ranked.tokens, truncated=ranked.truncated
+    )
+    return _json(RerankResponse(results=results, model=service.model_name, usage=usage))
+
+
+@router.post(
+    "/v1/rerank",
+    response_model=CohereResponse,
+    responses=RERANK_ERRORS,
+    summary="Cohere/Jina-compatible rerank (also at /v2/rerank).",
+)
+@router.post(
+    "/v2/rerank", response_model=CohereResponse, responses=RERANK_ERRORS, include_in_schema=False
+)
+async def cohere_rerank(body: CohereRerankRequest, request: Request) -> Response:
+    service = _service(request)
+    texts = document_texts(body.documents, body.rank_fields, "documents")
+    ranked = await _score(request, body.job(texts))
+    if ranked is None:
+        return Response(status_code=CLIENT_CLOSED)
+    results = [
+        CohereResult(
+            index=i,
+            relevance_score=score,
+            document=cohere_document(body.documents[i]) if body.return_documents else None,
+            span=ranked.span(i),
+        )
+        for i, score in ranked.best(body.top_n, body.min_score)
+    ]
+    return _json(
+        CohereResponse(
+            id=str(uuid.uuid4()),
+            results=results,
+            meta={
+                "api_version": {"version": "2"},
+                "billed_units": {"search_units": 1},
+                "tokens": {"input_tokens": ranked.tokens, "output_tokens": 0},
+            },
+            model=service.model_name,
+            usage={"total_tokens": ranked.tokens},
+        )
+    )
+
+
+@router.get(
+    "/health",
+    response_model=HealthResponse,
+    responses={503: {"model": HealthResponse, "description": "the engine is stuck: restart"}}
+    | error_responses(ErrorType.INTERNAL),
+    summary="The process is alive (503 once the engine has been stuck past watchdog_liveness_s).",
+)
+async def health(request: Request) -> Response:
+    reason = _service(request).liveness()
+    if reason is None:
+        return _json(HealthResponse(status="ok"))
+    return _json(HealthResponse(status="stuck", reason=reason), status=503)
+
+
+@router.get(
+    "/ready",
+    response_model=ReadyResponse,
+    responses={503: {"model": ReadyResponse, "description": "not ready, and why"}}
+    | error_responses(ErrorType.INTERNAL),
+    summary="200 once the model is loaded, warm and working.",
+)
+async def ready(request: Request) -> Response:
+    reason = _service(request).readiness()
+    if reason is None:
+        return _json(ReadyResponse(status="ready"))
+    return _json(ReadyResponse(status="not ready", reason=reason), status=503)
+
+
+@router.get(
+    "/info",
+    response_model=InfoResponse,
+    responses=error_responses(ErrorType.UNAUTHORIZED, ErrorType.NOT_READY, ErrorType.INTERNAL),
+    summary="The model served and what its scores mean (calibrated probability or not).",
+)
+async def info(request: Request) -> Response:
+    return _json(InfoResponse(**_service(request).describe()), exclude_none=False)
+
+
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}
+    | error_responses(ErrorType.UNAUTHORIZED, ErrorType.INTERNAL),
+    summary="Prometheus metrics.",
+)
+async def metrics(request: Request) -> Response:
+    registry = _service(request).metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,1 @@
+"""The model: its directory (the export contract), tokenisers, engine and variant choice."""

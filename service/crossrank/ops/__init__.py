@@ -1,0 +1,1 @@
+"""Operations: settings, metrics, logs, thread priority, the container probe."""

@@ -1,0 +1,179 @@
+"""Service settings: CLI flags, else ``CROSSRANK_*`` environment variables, else these defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CROSSRANK_", extra="ignore")
+
+    model: Path = Field(description="Model directory (see crossrank.model.model_dir).")
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+    # Engine.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    variant: str = Field(default="auto", description="ONNX variant: auto, fp32, int8, fp16, ...")
+    threads: int = Field(default=0, ge=0, description="Intra-op threads on CPU; 0 = all cores.")
+    engine_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="Added to the niceness of the threads that tokenise and score (Linux): on "
+        "saturated cores the event loop (admission, refusals, probes) runs ahead of that work; "
+        "0 = no change.",
+    )
+    cuda_device_id: int = Field(default=0, ge=0)
+    cuda_mem_limit_mb: int = Field(
+        default=0, ge=0, description="Cap on the CUDA arena in MiB; 0 = no cap."
+    )
+
+    # Request limits.
+    max_passages: int = Field(default=1000, ge=1)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A connection whose request line and headers take longer is closed.",
+    )
+    max_header_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="A longer request line and headers get a 400."
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="A request whose body takes longer to arrive gets a 408."
+    )
+    default_timeout_ms: int = Field(
+        default=60_000, ge=1, description="Deadline of a request that sends no timeout_ms."
+    )
+
+    score_cache_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="Bound of the in-process LRU cache of pair logits, in bytes; 0 = no cache.",
+    )
+
+    # Long passages (per request too).
+    long_passages: Literal["truncate", "chunk"] = Field(
+        default="truncate",
+        description="A pair over max_length: cut the passage (truncate), or score overlapping "
+        "windows of it and aggregate (chunk).",
+    )
+    chunk_stride: int = Field(
+        default=32, ge=0, description="Passage tokens shared by consecutive windows (chunk)."
+    )
+    chunk_aggregation: Literal["max", "first", "mean"] = Field(
+        default="max", description="A chunked passage's score from its windows' logits."
+    )
+    max_chunks_per_doc: int = Field(
+        default=8, ge=1, description="Windows scored per passage at most (chunk), from its start."
+    )
+
+    # Batcher.
+    max_batch_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="Padded tokens per batch; 0 = auto: 1024 on CPU, 16384 on CUDA.",
+    )
+    max_batch_pairs: int = Field(default=128, ge=1)
+    max_wait_ms: float = Field(default=2.0, ge=0)
+    max_queued_pairs: int = Field(
+        default=4000,
+        ge=1,
+        description="Room for pairs being tokenised, queued or scored; a request that would "
+        "overflow it is refused (503) before any work.",
+    )
+    length_sorting: bool = Field(
+        default=True, description="Sort each request's pairs by length before batching."
+    )
+    aging_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="A request's remaining work counts 1/(1 + age/aging_s): old ones can't starve.",
+    )
+    retry_after_s: int = Field(default=1, ge=1)
+
+    # Drain (SIGTERM).
+    drain_delay_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="After SIGTERM, keep the listener open this long, answering new requests "
+        "503 shutting_down (Kubernetes routes to a terminating pod for a few seconds).",
+    )
+    drain_grace_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="After SIGTERM, exit within this long (the delay included), answered or "
+        "not; keep it under the pod's terminationGracePeriodSeconds.",
+    )
+
+    # Watchdog (a hung engine).
+    watchdog_multiple: float = Field(
+        default=20.0,
+        gt=1,
+        description="A batch is stalled after this many times its expected time: /ready 503, "
+        "queued requests 503.",
+    )
+    watchdog_floor_s: float = Field(
+        default=10.0, gt=0, description="A batch is never stalled before this many seconds."
+    )
+    watchdog_liveness_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="/health fails once a batch has run this long (Kubernetes restarts the pod).",
+    )
+
+    # Logs.
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text, or json: one JSON object per line."
+    )
+    access_log: bool = Field(
+        default=True, description="One line per request: id, route, status, sizes, timings."
+    )
+
+    # Access.
+    api_keys: str = Field(
+        default="",
+        repr=False,
+        description="Comma-separated API keys; when any is set (here or in api_keys_file), "
+        "requests need 'Authorization: Bearer KEY'.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None, description="A file of API keys, one per line (e.g. a mounted secret)."
+    )
+    metrics_require_key: bool = Field(
+        default=False, description="Ask for a key on /metrics too (it is open by default)."
+    )
+
+    def load_api_keys(self) -> frozenset[str]:
+        """The keys of ``api_keys`` and ``api_keys_file``; empty = no authentication. Read once at
+        start-up: a rotated key file takes effect on restart."""
+        keys = [k.strip() for k in self.api_keys.split(",")]
+        if self.api_keys_file is not None:
+            keys += [line.strip() for line in self.api_keys_file.read_text().splitlines()]
+        return frozenset(k for k in keys if k)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.api_keys_file is not None and not self.api_keys_file.is_file():
+            raise ValueError(f"api_keys_file {self.api_keys_file} is not a readable file")
+        if self.drain_grace_s <= self.drain_delay_s:
+            raise ValueError(
+                f"drain_grace_s ({self.drain_grace_s}) must exceed drain_delay_s "
+                f"({self.drain_delay_s}): admitted requests need time to finish after it"
+            )
+        if self.watchdog_liveness_s <= self.watchdog_floor_s:
+            raise ValueError(
+                f"watchdog_liveness_s ({self.watchdog_liveness_s}) must exceed watchdog_floor_s "
+                f"({self.watchdog_floor_s}): /health fails only after /ready has"
+            )
+        if self.max_passages > self.max_queued_pairs:
+            raise ValueError(
+                f"max_passages ({self.max_passages}) must not exceed max_queued_pairs "
+                f"({self.max_queued_pairs}): such a request could never be admitted"
+            )
+        return self

@@ -1,0 +1,97 @@
+"""`crossrank serve` as a user runs it: a real process, a real signal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+from support import free_port
+
+from crossrank.cli import main
+from crossrank.model.model_dir import ModelDir
+
+
+def test_serve_without_a_model_says_what_it_needs(capsys, monkeypatch) -> None:
+    monkeypatch.delenv("CROSSRANK_MODEL", raising=False)
+    assert main(["serve"]) == 2
+    assert "no model directory given" in capsys.readouterr().err
+
+
+def test_serve_with_a_bad_model_dir_fails_before_starting(capsys, tmp_path) -> None:
+    assert main(["serve", "--model", str(tmp_path)]) == 2
+    assert "crossrank.json is missing" in capsys.readouterr().err
+
+
+def test_serve_cuda_without_cuda_fails_clearly(capsys, model_dir: ModelDir) -> None:
+    assert main(["serve", "--model", str(model_dir.path), "--device", "cuda"]) == 2
+    assert "CUDAExecutionProvider" in capsys.readouterr().err
+
+
+def test_invalid_settings_are_reported(capsys, model_dir: ModelDir) -> None:
+    code = main(
+        ["serve", "--model", str(model_dir.path), "--max-passages", "10", "--max-queued-pairs", "5"]
+    )
+    assert code == 2
+    assert "max_queued_pairs" in capsys.readouterr().err
+
+
+def test_serve_end_to_end_and_sigterm_exits_cleanly(model_dir: ModelDir) -> None:
+    port = free_port()
+    env = {**os.environ, "CROSSRANK_PORT": str(port), "CROSSRANK_THREADS": "1"}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "crossrank.cli",
+            "serve",
+            "--model",
+            str(model_dir.path),
+            "--host",
+            "127.0.0.1",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(url + "/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "never ready"
+            time.sleep(0.1)
+        r = httpx.post(url + "/rerank", json={"query": "sky", "passages": ["blue sky", "a cat"]})
+        assert r.status_code == 200
+        assert [x["index"] for x in r.json()["results"]] in ([0, 1], [1, 0])
+        too_many = httpx.post(url + "/rerank", json={"query": "sky", "passages": ["a"] * 1001})
+        assert too_many.status_code == 422
+        assert "crossrank_pairs_total 2.0" in httpx.get(url + "/metrics").text
+        process.send_signal(signal.SIGTERM)
+        # uvicorn re-raises the signal once shut down, so the exit status says SIGTERM.
+        assert process.wait(30) in (0, -signal.SIGTERM)
+        log = process.stdout.read()
+        assert "draining" in log
+        assert "Application shutdown complete" in log
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_the_serving_path_never_imports_torch() -> None:
+    code = (
+        "import sys, crossrank.cli, crossrank.http.server, crossrank.http.app; "
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "sys.exit(f'imported {bad}' if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,146 @@
+"""Admission and its permits: refusals, resizing, and room given back exactly once on every
+path, checked over random interleavings."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crossrank.core.admission import Admission, Permit
+from crossrank.core.errors import ErrorType, ServiceError
+from crossrank.ops.metrics import Metrics
+
+BOUND = 50
+
+
+def test_refusal_before_the_count_and_resizing_a_permit() -> None:
+    admission = Admission(BOUND, Metrics())
+    # Not yet counted (None): refused only when no room at all is left.
+    assert admission.refusal() is None
+    held = admission.acquire(30)
+    assert admission.refusal() is None
+    assert admission.refusal(21) is not None and admission.refusal(20) is None
+    # Grown within the room, refused beyond it (keeping what it held), shrunk at will.
+    held.resize(45)
+    assert (held.pairs, admission.reserved) == (45, 45)
+    with pytest.raises(ServiceError) as refused:
+        held.resize(51)
+    assert refused.value.type is ErrorType.QUEUE_FULL
+    assert "would exceed" in refused.value.message
+    assert (held.pairs, admission.reserved) == (45, 45)
+    held.resize(50)
+    full = admission.refusal()
+    assert full is not None and full.type is ErrorType.QUEUE_FULL
+    held.resize(3)
+    assert (held.pairs, admission.reserved) == (3, 3)
+    held.release()
+    held.release()
+    assert admission.reserved == 0
+    admission.drain()
+    draining = admission.refusal()
+    assert draining is not None and draining.type is ErrorType.SHUTTING_DOWN
+
+
+def test_a_stalled_engine_refuses_even_an_empty_permit() -> None:
+    stalled = {"now": False}
+    admission = Admission(BOUND, Metrics(), lambda: stalled["now"])
+    admission.acquire(0).release()
+    stalled["now"] = True
+    with pytest.raises(ServiceError) as refused:
+        admission.acquire(0)
+    assert refused.value.type is ErrorType.ENGINE_STALLED
+
+
+def test_a_split_moves_room_and_never_exceeds_what_is_held() -> None:
+    admission = Admission(BOUND, Metrics())
+    whole = admission.acquire(10)
+    part = whole.split(4)
+    assert (whole.pairs, part.pairs, admission.reserved) == (6, 4, 10)
+    with pytest.raises(ValueError):
+        whole.split(7)
+    whole.release()
+    assert admission.reserved == 4
+    part.release()
+    assert admission.reserved == 0
+
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("acquire"), st.integers(0, 30)),
+        st.tuples(st.just("resize"), st.integers(0, 40), st.integers(0, 40)),
+        st.tuples(st.just("split"), st.integers(0, 40), st.integers(0, 30)),
+        st.tuples(st.just("release"), st.integers(0, 40)),
+        st.tuples(st.just("cancel"), st.integers(0, 40)),
+        st.tuples(st.just("finish"), st.integers(0, 40)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(OPS)
+def test_random_interleavings_leak_nothing_and_release_nothing_twice(ops: list) -> None:
+    """Each permit is held by a task in ``async with``, as a request holds it; a task is
+    cancelled (a client gone) or finishes; permits are resized, split, released at random.
+    After every step the room reserved is what the open permits hold, within the bound; at the
+    end it is 0."""
+
+    async def main() -> None:
+        metrics = Metrics()
+        admission = Admission(BOUND, metrics)
+        permits: list[Permit] = []
+        holders: list[tuple[asyncio.Task, asyncio.Event]] = []
+
+        async def hold(permit: Permit, done: asyncio.Event) -> None:
+            async with permit:
+                await done.wait()
+
+        def start(permit: Permit) -> None:
+            permits.append(permit)
+            done = asyncio.Event()
+            holders.append((asyncio.ensure_future(hold(permit, done)), done))
+
+        for op in ops:
+            kind, index = op[0], op[1] % max(1, len(permits))
+            if kind == "acquire":
+                try:
+                    start(admission.acquire(op[1]))
+                except ServiceError as refused:
+                    assert refused.type is ErrorType.QUEUE_FULL
+                    assert admission.reserved + op[1] > BOUND
+            elif not permits:
+                continue
+            elif kind == "resize":
+                before = permits[index].pairs
+                try:
+                    permits[index].resize(op[2])
+                except ServiceError:
+                    assert permits[index].pairs == before
+            elif kind == "split":
+                if op[2] <= permits[index].pairs:
+                    start(permits[index].split(op[2]))
+            elif kind == "release":
+                permits[index].release()
+            elif kind == "cancel":
+                holders[index][0].cancel()
+            else:
+                holders[index][1].set()
+            await asyncio.sleep(0)  # let cancelled and finished holders leave their block
+            assert admission.reserved == sum(p.pairs for p in permits)
+            assert 0 <= admission.reserved <= BOUND
+            assert metrics.registry.get_sample_value("crossrank_reserved_pairs") == (
+                admission.reserved
+            )
+        for _, done in holders:
+            done.set()
+        await asyncio.gather(*(task for task, _ in holders), return_exceptions=True)
+        for permit in permits:
+            permit.release()  # again: gives nothing back twice
+        assert admission.reserved == 0
+        async with asyncio.timeout(1):
+            await admission.wait_empty()
+
+    asyncio.run(main())
