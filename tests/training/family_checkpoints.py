@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import tiny_tokenizers
+import support as tiny_tokenizers
 import torch
 from tokenizers import Tokenizer
 from transformers import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from test_mining import _collection
+from toy_data import cat_dog_collection
 
 from crossrank_train.cli import main
 from crossrank_train.dense import DenseIndex
@@ -14,7 +14,7 @@ from crossrank_train.scoring import BiEncoderScorer
 
 
 def test_search_returns_the_top_k_by_the_bi_encoders_cosine(tiny_checkpoint: Path) -> None:
-    collection = _collection()
+    collection = cat_dog_collection()
     # Small batches: the index embeds in length-sorted batches, score() in the given order.
     encoder = BiEncoderScorer(tiny_checkpoint, "tiny", batch_size=4)
     query = "river fire cat"
@@ -36,7 +36,7 @@ def test_search_returns_the_top_k_by_the_bi_encoders_cosine(tiny_checkpoint: Pat
 def test_mine_command_takes_negatives_from_the_bi_encoders_window(
     tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
-    collection = _collection()
+    collection = cat_dog_collection()
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(
         json.dumps(

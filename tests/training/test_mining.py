@@ -1,11 +1,10 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
-from support import WORDS
+from toy_data import cat_dog_collection
 
 from crossrank_train.bm25 import Bm25Index
 from crossrank_train.cli import main
@@ -13,25 +12,6 @@ from crossrank_train.groups import read_groups, write_groups
 from crossrank_train.mining import MiningConfig, mine_groups
 from crossrank_train.readers import Collection
 from crossrank_train.scoring import load_scorer
-
-FILLER = [w for w in WORDS if w not in ("cat", "dog")]
-
-
-def _collection() -> Collection:
-    rng = random.Random(0)
-    corpus = {
-        "top": "cat dog cat dog",
-        "copy-of-top": "cat dog cat dog",  # unjudged duplicate of a positive
-        "weak": "cat " + " ".join(rng.choices(FILLER, k=30)),  # a positive BM25 ranks low
-    }
-    for i in range(30):
-        matches = ["cat"] * rng.randint(1, 3) + ["dog"] * rng.randint(0, 3)
-        corpus[f"m{i}"] = " ".join(matches + rng.choices(FILLER, k=rng.randint(3, 12)))
-    for i in range(20):
-        corpus[f"z{i}"] = " ".join(rng.choices(FILLER, k=8))
-    queries = {"q1": "cat dog", "q2": "river fire", "q3": "nothing judged here"}
-    qrels = {"q1": {"top": 1, "weak": 2, "m0": 0}, "q2": {"z0": 0}}
-    return Collection(queries, corpus, qrels)
 
 
 def _window_pool(collection: Collection, index: Bm25Index, window: tuple[int, int]) -> set[str]:
@@ -43,7 +23,7 @@ def _window_pool(collection: Collection, index: Bm25Index, window: tuple[int, in
 
 
 def test_hard_negatives_come_from_the_rank_window_minus_positives() -> None:
-    collection = _collection()
+    collection = cat_dog_collection()
     index = Bm25Index(collection.corpus)
     window = (5, 40)
     config = MiningConfig(negatives=6, random_negatives=0, window=window, seed=3)
@@ -61,7 +41,7 @@ def test_hard_negatives_come_from_the_rank_window_minus_positives() -> None:
 
 
 def test_random_negatives_join_the_hard_ones_and_fill_a_short_pool() -> None:
-    collection = _collection()
+    collection = cat_dog_collection()
     index = Bm25Index(collection.corpus)
     positives = {collection.corpus["top"], collection.corpus["weak"]}
     for window, most_outside in (((1, 40), 2), ((1, 3), 6)):
@@ -74,7 +54,7 @@ def test_random_negatives_join_the_hard_ones_and_fill_a_short_pool() -> None:
 
 
 def test_mining_is_deterministic_per_seed() -> None:
-    collection = _collection()
+    collection = cat_dog_collection()
     index = Bm25Index(collection.corpus)
 
     def mine(seed: int) -> list:
@@ -92,7 +72,7 @@ def test_bad_window_is_refused() -> None:
 def test_mine_command_writes_groups_with_teacher_scores(
     tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
-    collection = _collection()
+    collection = cat_dog_collection()
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text(
         "".join(json.dumps({"_id": p, "text": t}) + "\n" for p, t in collection.corpus.items())
@@ -140,7 +120,9 @@ def test_mine_command_writes_groups_with_teacher_scores(
 
 def test_teach_scores_mined_groups_with_the_teacher(tiny_checkpoint: Path, tmp_path: Path) -> None:
     mined = tmp_path / "groups.jsonl"
-    write_groups(mined, mine_groups(_collection(), MiningConfig(negatives=3, window=(1, 40))))
+    write_groups(
+        mined, mine_groups(cat_dog_collection(), MiningConfig(negatives=3, window=(1, 40)))
+    )
     out = tmp_path / "taught.jsonl"
 
     code = main(

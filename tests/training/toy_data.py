@@ -8,6 +8,7 @@ from support import WORDS
 
 from crossrank_train.agreement import RankingCase
 from crossrank_train.groups import Group
+from crossrank_train.readers import Collection
 
 MAX_LENGTH = 64
 MAX_QUERY_TOKENS = 16
@@ -65,3 +66,25 @@ def graded_cases(queries: int, levels: int, seed: int) -> list[RankingCase]:
         )
         for i in range(queries)
     ]
+
+
+CAT_DOG_FILLER = [w for w in WORDS if w not in ("cat", "dog")]
+
+
+def cat_dog_collection() -> Collection:
+    """A small corpus for mining: q1 (cat dog) with a strong and a weak positive, q2 judged
+    only on noise, q3 not judged."""
+    rng = random.Random(0)
+    corpus = {
+        "top": "cat dog cat dog",
+        "copy-of-top": "cat dog cat dog",  # unjudged duplicate of a positive
+        "weak": "cat " + " ".join(rng.choices(CAT_DOG_FILLER, k=30)),  # a positive BM25 ranks low
+    }
+    for i in range(30):
+        matches = ["cat"] * rng.randint(1, 3) + ["dog"] * rng.randint(0, 3)
+        corpus[f"m{i}"] = " ".join(matches + rng.choices(CAT_DOG_FILLER, k=rng.randint(3, 12)))
+    for i in range(20):
+        corpus[f"z{i}"] = " ".join(rng.choices(CAT_DOG_FILLER, k=8))
+    queries = {"q1": "cat dog", "q2": "river fire", "q3": "nothing judged here"}
+    qrels = {"q1": {"top": 1, "weak": 2, "m0": 0}, "q2": {"z0": 0}}
+    return Collection(queries, corpus, qrels)

@@ -52,7 +52,6 @@ class BatchPlan:
     take: dict[int, list[int]] = field(default_factory=dict)  # request key -> positions
     pairs: int = 0
     padded_length: int = 0
-    real_tokens: int = 0
     full: bool = False  # stopped for lack of room, not for lack of pairs
     oldest_admitted_at: float = float("inf")
 
@@ -79,7 +78,6 @@ def _add(plan: BatchPlan, view: RequestView, position: int) -> None:
     plan.take.setdefault(view.key, []).append(position)
     plan.pairs += 1
     plan.padded_length = max(plan.padded_length, length)
-    plan.real_tokens += length
     plan.oldest_admitted_at = min(plan.oldest_admitted_at, view.admitted_at)
 
 

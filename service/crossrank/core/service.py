@@ -274,34 +274,7 @@ class Service:
         """The model being served and what its scores mean (GET /info)."""
         if self.model is None:
             raise ServiceError(ErrorType.NOT_READY, "the model is still loading: retry later")
-        meta = self.model.metadata
-        calibration = meta.calibration
-        if calibration is not None:
-            score = (
-                f"calibrated probability of relevance ({calibration.method} scaling of the "
-                f"logit, fitted on {calibration.fitted_on}); raw_scores gives the logit"
-            )
-        elif meta.activation is Activation.SIGMOID:
-            score = "sigmoid of the logit (not calibrated); raw_scores gives the logit"
-        else:
-            score = "the logit (not calibrated: meaningful only relative to other passages' scores)"
-        return {
-            "model": meta.name,
-            "variant": self.variant,
-            "max_length": meta.max_length,
-            "max_query_tokens": meta.max_query_tokens,
-            "activation": meta.activation.value,
-            "calibrated": calibration is not None,
-            "score": score,
-            "calibration": calibration.model_dump(mode="json") if calibration else None,
-            "score_cache_bytes": self.settings.score_cache_bytes,
-            "long_passages": {
-                "default": self.settings.long_passages,
-                "chunk_stride": self.settings.chunk_stride,
-                "chunk_aggregation": self.settings.chunk_aggregation,
-                "max_chunks_per_doc": self.settings.max_chunks_per_doc,
-            },
-        }
+        return describe(self.model, self.variant, self.settings)
 
     def readiness(self) -> str | None:
         """Why the service is not ready, or None when it is."""
@@ -331,3 +304,35 @@ class Service:
         if not self.ready or self.pipeline is None or self.admission is None:
             raise ServiceError(ErrorType.NOT_READY, "the model is still warming up: retry later")
         return self.pipeline, self.admission
+
+
+def describe(model: ModelDir, variant: str, settings: Settings) -> dict[str, Any]:
+    """The model being served and what its scores mean (GET /info)."""
+    meta = model.metadata
+    calibration = meta.calibration
+    if calibration is not None:
+        score = (
+            f"calibrated probability of relevance ({calibration.method} scaling of the "
+            f"logit, fitted on {calibration.fitted_on}); raw_scores gives the logit"
+        )
+    elif meta.activation is Activation.SIGMOID:
+        score = "sigmoid of the logit (not calibrated); raw_scores gives the logit"
+    else:
+        score = "the logit (not calibrated: meaningful only relative to other passages' scores)"
+    return {
+        "model": meta.name,
+        "variant": variant,
+        "max_length": meta.max_length,
+        "max_query_tokens": meta.max_query_tokens,
+        "activation": meta.activation.value,
+        "calibrated": calibration is not None,
+        "score": score,
+        "calibration": calibration.model_dump(mode="json") if calibration else None,
+        "score_cache_bytes": settings.score_cache_bytes,
+        "long_passages": {
+            "default": settings.long_passages,
+            "chunk_stride": settings.chunk_stride,
+            "chunk_aggregation": settings.chunk_aggregation,
+            "max_chunks_per_doc": settings.max_chunks_per_doc,
+        },
+    }

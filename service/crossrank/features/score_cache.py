@@ -1,5 +1,5 @@
 """An in-process LRU cache of pair logits, bounded in bytes, consulted before a request's pairs
-are queued: a pair scored before never reaches the batcher again.
+are queued: a pair scored before never reaches the queue again.
 
 A key is a digest of the tokenised pair (its input and token type ids) salted with the model, the
 variant and the max length, so that one text cut differently, or scored by another model, never

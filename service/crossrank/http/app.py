@@ -61,6 +61,17 @@ def create_app(settings: Settings, engine_factory: EngineFactory = OnnxEngine) -
     async def _http_error(request: Request, exc: HTTPException) -> Response:
         return respond(http_error(exc), request.scope)
 
+    _add_middleware(app, settings, service, metrics, respond)
+    return app
+
+
+def _add_middleware(
+    app: FastAPI,
+    settings: Settings,
+    service: Service,
+    metrics: Metrics,
+    respond: ErrorResponder,
+) -> None:
     # Innermost: a request is authenticated and its declared size checked before admission.
     app.add_middleware(
         AdmissionGateMiddleware,
@@ -93,4 +104,3 @@ def create_app(settings: Settings, engine_factory: EngineFactory = OnnxEngine) -
         metrics=metrics,
         respond=respond,
     )
-    return app

@@ -124,9 +124,9 @@ _listed = msgspec.json.Decoder(_Listed)
 
 def listed_items(body: bytes) -> int | None:
     """How many passages (``/rerank``) or documents (the Cohere routes) a JSON body lists,
-    before it is validated: a lower bound on the pairs its request will reserve, which admission
-    can judge first (crossrank.middleware.AdmissionGateMiddleware). None when the body is not an
-    object with such a list: the strict parser is to say what is wrong with it."""
+    before it is validated: a lower bound on the pairs its request will hold room for, which
+    admission can judge first (crossrank.http.gate.AdmissionGateMiddleware). None when the body
+    is not an object with such a list: the strict parser is to say what is wrong with it."""
     try:
         listed = _listed.decode(body)
     except (msgspec.DecodeError, RecursionError):  # ValidationError included; too deep

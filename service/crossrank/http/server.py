@@ -23,8 +23,8 @@ class DrainingServer(uvicorn.Server):
     shutting_down) while the listener stays open for ``drain_delay_s`` (Kubernetes keeps
     routing to a terminating pod for a few seconds, and a closed port would turn those requests
     into connection errors); then uvicorn stops accepting connections, waits for the admitted
-    requests to be answered, and runs the app's shutdown, which lets the batcher finish its
-    queue. A second signal stops at once."""
+    requests to be answered, and runs the app's shutdown, which waits for every admitted
+    pair to be scored. A second signal stops at once."""
 
     def __init__(
         self, config: uvicorn.Config, on_stop: Callable[[], None], drain_delay_s: float = 0.0
@@ -73,7 +73,7 @@ def serve(settings: Settings) -> None:
     configure(settings.log_format)
     app = create_app(settings)
     config = uvicorn_config(app, settings)
-    # One process, one event loop: the batcher must see every request to batch them together.
+    # One process, one event loop: the queue must see every request to batch them together.
     server = DrainingServer(
         config, on_stop=app.state.service.begin_drain, drain_delay_s=settings.drain_delay_s
     )

@@ -3,11 +3,11 @@
 uvicorn closes a kept-alive connection idle for ``timeout_keep_alive`` (5 s) between requests,
 but nothing bounds the time a client takes to send a request's head: a connection that sends
 nothing, or one header byte every few seconds (a slowloris), is held forever, a file descriptor
-each. Nor does anything bound its size (a 10 MB header was accepted). This protocol closes a
+each. Nor does anything bound its size (a header of megabytes was accepted). This protocol closes a
 connection whose request line and headers are not all in within ``header_timeout_s`` of the
 connection (or of the request's first byte, on a kept-alive connection), and answers 400 to a
 head over ``max_header_bytes``. The body has its own bounds, in
-:class:`crossrank.middleware.BodyLimitMiddleware`.
+:class:`crossrank.http.body_limit.BodyLimitMiddleware`.
 """
 
 from __future__ import annotations

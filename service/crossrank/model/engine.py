@@ -29,7 +29,7 @@ class EngineConfigError(RuntimeError):
 
 
 class Engine(Protocol):
-    """What the batcher needs of an engine."""
+    """What the worker needs of an engine."""
 
     provider: str
     uses_token_type_ids: bool

@@ -1,10 +1,11 @@
 """fp32 for CPUs, rebuilt at start-up from the fp16 variant a model directory ships for GPUs.
 
 onnxruntime's CPU provider has few fp16 kernels: it runs an fp16 graph through Casts around its
-operators, slower than the same graph in fp32 (23.4 against 29.1 pairs/s for MiniLM-L6 on an
-AVX2 CPU). An fp32 file would add 90 MB to the directory; widening the fp16 file's tensors gives
-the fp32 graph back with only its weights rounded to fp16 (activations are fp32 again), at no
-cost on disk. ``bench/fp32_rebuild_check.py`` measures what the rounding changes in the scores.
+operators, slower than the same graph in fp32. An fp32 file would double the directory's size;
+widening the fp16 file's tensors gives the fp32 graph back with only its weights rounded to
+fp16 (activations are fp32 again), at no cost on disk. ``python -m bench.variant_speed``
+measures both the speed and what the rounding changes in the scores (bench/README.md, "the
+variant `auto` serves").
 
 The ``onnx`` package edits the graph: onnxruntime itself cannot, and widening is a change of
 element type, which no converter offers (onnxconverter-common and onnxruntime.transformers only
@@ -30,7 +31,8 @@ def rebuild_fp32(fp16_file: Path) -> bytes:
         if tensor.data_type != TensorProto.FLOAT16:
             return
         wide = numpy_helper.to_array(tensor).astype(np.float32)
-        # Set in place: building a new tensor and copying it over takes seconds for 90 MB.
+        # Set in place: building a new tensor and copying it over is far slower for a model's
+        # worth of weights.
         tensor.ClearField("int32_data")
         tensor.data_type = TensorProto.FLOAT
         tensor.raw_data = wide.tobytes()

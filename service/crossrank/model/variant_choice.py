@@ -1,15 +1,15 @@
 """What ``variant: auto`` serves on a CPU: int8 only where it pays, else the best float variant.
 
-int8 costs ranking agreement (the default model's top 10 overlaps fp32's at 0.89 on TREC DL) and
-pays only where the CPU multiplies int8 natively (VNNI, AVX-VNNI, AMX): on an AVX-512 VNNI CPU it
-ran 2.2x fp32, on an AVX2-only CPU 0.99x. So with ``auto`` on a CPU and both kinds in the
-directory, start-up times the two on a warm-up batch (interleaved, median of a few runs) and
-serves int8 only when it is at least ``INT8_MIN_SPEEDUP`` times as fast as the float variant.
-When the probe cannot time both, the CPU's flags decide. Any other setting is served as named.
+int8 costs ranking agreement and pays only where the CPU multiplies int8 natively (VNNI,
+AVX-VNNI, AMX); bench/README.md ("the variant `auto` serves") has both, measured by ``python -m
+bench.variant_speed``. So with ``auto`` on a CPU and both kinds in the directory, start-up
+times the two on a warm-up batch (interleaved, median of a few runs) and serves int8 only when
+it is at least ``INT8_MIN_SPEEDUP`` times as fast as the float variant. When the probe cannot
+time both, the CPU's flags decide. Any other setting is served as named.
 
 The float candidate is fp32 when the directory has it; else, where it ships fp16 for GPUs, fp32
-rebuilt from that file at start-up (:mod:`crossrank.model.fp32_rebuild`): onnxruntime runs fp16 on a
-CPU through Casts, slower than fp32; else fp16 as it is.
+rebuilt from that file at start-up (:mod:`crossrank.model.fp32_rebuild`): onnxruntime runs
+fp16 on a CPU through Casts, slower than fp32; else fp16 as it is.
 """
 
 from __future__ import annotations

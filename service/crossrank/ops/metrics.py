@@ -127,7 +127,7 @@ class Metrics:
         self.dropped_pairs = Counter(
             "crossrank_dropped_pairs",
             "Admitted pairs dropped before inference, by reason "
-            "(failed: a batch of their request, or the batcher itself, failed).",
+            "(failed: a batch of their request, or the queue itself, failed).",
             ["reason"],
             registry=r,
         )

@@ -73,7 +73,7 @@ class Settings(BaseSettings):
         default=8, ge=1, description="Windows scored per passage at most (chunk), from its start."
     )
 
-    # Batcher.
+    # Batching (crossrank.core.queue, crossrank.core.scheduling).
     max_batch_tokens: int = Field(
         default=0,
         ge=0,
