@@ -11,8 +11,10 @@ falls on all alike: the bare engine (``OnnxEngine`` on the pre-tokenised pairs, 
 and cut into batches of the service's CPU budget, the variant the server chose) and every
 server at 1 x 1,000 passages and at 4 x 250 (four clients at once). A server's figure is its
 pairs/s over the bare engine's pairs/s on the same pairs in the same round; the medians over the
-rounds are printed. ``--baseline`` is the ``service/`` folder of another checkout (``git
-worktree add``), served by the same interpreter with it first on ``PYTHONPATH``.
+rounds are printed, and this checkout's figure over the baseline's, round by round (the two run
+back to back, so drift between rounds cancels). ``--baseline`` is the ``service/`` folder of
+another checkout (``git worktree add``), served by the same interpreter with it first on
+``PYTHONPATH``. Every server and the bare engine run ``--variant`` (int8 by default).
 
 Rendering: a 1,000-result ``/rerank`` answer built as the routes build it (response models,
 pydantic's serialiser) and as plain dicts through orjson, timed over ``--render-repeats`` and
@@ -30,7 +32,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import numpy as np
 import orjson
 
@@ -70,10 +71,12 @@ def bare_engine(model_dir: Path, variant: str, threads: int) -> Callable[[list[R
     return run
 
 
-def crossrank_server(name: str, model: Path, threads: int, service_dir: Path | None) -> Server:
+def crossrank_server(
+    name: str, model: Path, variant: str, threads: int, service_dir: Path | None
+) -> Server:
     env = {"PYTHONPATH": str(service_dir)} if service_dir else {}
     command = [sys.executable, "-m", "crossrank.cli", "serve", "--model", str(model)]
-    command += ["--threads", str(threads), "--access-log", "--log-format", "text", "--port"]
+    command += ["--variant", variant, "--threads", str(threads), "--port"]
     return Server(
         name,
         command,
@@ -120,18 +123,26 @@ def main() -> None:
     parser.add_argument("--passages", type=Path, required=True, help="passages.jsonl.gz")
     parser.add_argument("--queries", type=Path, required=True, help="queries.tsv")
     parser.add_argument("--baseline", type=Path, help="another checkout's service/ folder")
+    parser.add_argument(
+        "--variant",
+        default="int8",
+        help="served by every server and the bare engine (auto's start-up probe could pick "
+        "differently in each)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--render-repeats", type=int, default=50)
     args = parser.parse_args()
 
     workload = Workload(args.passages, args.queries)
-    servers = [crossrank_server("this", args.model, args.threads, None)]
+    servers = [crossrank_server("this", args.model, args.variant, args.threads, None)]
     if args.baseline:
-        servers.append(crossrank_server("baseline", args.model, args.threads, args.baseline))
+        servers.append(
+            crossrank_server("baseline", args.model, args.variant, args.threads, args.baseline)
+        )
     try:
-        variant = httpx.get(servers[0].target.url + "/info").json()["variant"]
-        bare = bare_engine(args.model, variant, args.threads)
+        bare = bare_engine(args.model, args.variant, args.threads)
+        bare(workload.requests(1, 200, seed=-1))  # warm: every batch shape met once
         shapes = {"1 x 1000": (1, 1000), "4 x 250": (4, 250)}
         ratios: dict[tuple[str, str], list[float]] = {}
         seconds: dict[str, list[float]] = {s.target.name: [] for s in servers}
@@ -156,12 +167,18 @@ def main() -> None:
     finally:
         for server in servers:
             server.stop()
-    print(f"\nvariant {variant}, {args.threads} threads, {args.rounds} rounds (median):")
+    print(f"\nvariant {args.variant}, {args.threads} threads, {args.rounds} rounds (median):")
     for (name, shape), values in sorted(ratios.items()):
         spread = f"{min(values):.3f}-{max(values):.3f}"
         print(
             f"  {name:9s} {shape:9s} {statistics.median(values):.3f} of the bare engine ({spread})"
         )
+    if args.baseline:
+        for shape in shapes:
+            pairs = zip(ratios[("this", shape)], ratios[("baseline", shape)], strict=True)
+            paired = [this / before for this, before in pairs]
+            spread = f"{min(paired):.3f}-{max(paired):.3f}"
+            print(f"  this / baseline {shape:9s} {statistics.median(paired):.3f} ({spread})")
     as_models, as_dicts = render_seconds(args.render_repeats)
     request_s = statistics.median(seconds["this"])
     print(

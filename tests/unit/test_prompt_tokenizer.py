@@ -12,7 +12,6 @@ from tokenizers import Tokenizer
 
 from crossrank.model.model_dir import PromptTemplate
 from crossrank.model.tokenization import (
-    PairTokenizer,
     PassageTooLongError,
     PromptTokenizer,
     QueryTooLongError,
@@ -93,7 +92,6 @@ def test_a_request_may_replace_the_instruction(tokenizer_file: Path, raw: Tokeni
     with pytest.raises(ValueError, match="no place for an instruction"):
         PromptTokenizer(tokenizer_file, bare, 16, 256).encode(QUERY, [PASSAGE], instruction=own)
     assert not PromptTokenizer(tokenizer_file, bare, 16, 256).takes_instruction
-    assert not PairTokenizer(tokenizer_file, 16, 256).takes_instruction
 
 
 def test_template_refusals(tokenizer_file: Path) -> None:

@@ -67,7 +67,11 @@ class Pipeline:
         nice: int = 0,
     ) -> None:
         self._encoder = encoder
-        self._windows = windows  # None: the model cannot chunk
+        # What the model's tokeniser can do beyond plain pairs (None: it cannot).
+        self._instructed = (
+            encoder if isinstance(encoder, PromptTokenizer) and encoder.takes_instruction else None
+        )
+        self._windows = windows
         self._queue = queue
         self._scale = scale
         self._metrics = metrics
@@ -131,7 +135,7 @@ class Pipeline:
     ) -> Callable[[], EncodedRequest]:
         """The encoder this request needs, bound to its arguments; a 422 if the model has none."""
         r = request
-        if r.instruction is not None and not self._encoder.takes_instruction:
+        if r.instruction is not None and self._instructed is None:
             raise InvalidInput("this model takes no instruction", "instruction")
         if long.chunk:
             if self._windows is None:
@@ -147,10 +151,9 @@ class Pipeline:
                 r.truncate,
                 r.max_passage_tokens,
             )
-        if r.instruction is not None:
-            assert isinstance(self._encoder, PromptTokenizer)  # the only one taking one
+        if r.instruction is not None and self._instructed is not None:
             return functools.partial(
-                self._encoder.encode,
+                self._instructed.encode,
                 r.query,
                 r.passages,
                 r.truncate,

@@ -121,16 +121,18 @@ class PairQueue:
         self._worker = worker
         self._limits = limits
         self._length_sorting = length_sorting
+        # Commands from requests, taken by the owning task; it wakes for them and for a batch
+        # coming back from the worker.
+        self._inbox: deque[Entry | _Drop] = deque()
+        self._wake = asyncio.Event()
         self._metrics = metrics
         self._clock = clock
-        self._inbox: deque[Entry | _Drop] = deque()
         self._entries: dict[int, Entry] = {}
         self._keys = itertools.count()
         self._queued = 0  # pairs queued and not yet dispatched
         self._version = 0  # bumped on every change of the queue
         self._running: _Running | None = None
         self._stall_pending = False
-        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     @property

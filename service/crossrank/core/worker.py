@@ -42,13 +42,13 @@ class Worker:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._engine = engine
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crossrank-engine")
         self._metrics = metrics
         self._probe = probe
         self._watchdog = watchdog
         # Told when the engine stalls: the queue fails what it holds (set once both exist).
         self.on_stall = on_stall
         self._clock = clock
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crossrank-engine")
         self._seconds_per_token: float | None = None
         self._running_since: float | None = None  # the batch in the engine, if any
         self.stalled_since: float | None = None

@@ -141,8 +141,6 @@ class PairTokenizer:
     """An encoder's pairs by its tokenizer's pair template. Query truncated to
     ``max_query_tokens``; pair truncated longest-first to ``max_length``."""
 
-    takes_instruction = False
-
     def __init__(self, tokenizer_file: str | Path, max_query_tokens: int, max_length: int) -> None:
         self.max_query_tokens = max_query_tokens
         self.max_length = max_length
