@@ -121,6 +121,11 @@ def test_engine_failure_and_unexpected_errors_show_the_id_and_no_trace(
     engine = [x for x in logged if x["message"].startswith("engine failure")]
     assert engine
     assert "injected engine fault" in engine[0]["exception"]
+    # A request that failed after tokenisation still reports what it reached.
+    access = {x["request_id"]: x for x in logged if x["logger"] == "crossrank.access"}
+    assert access["engine-fails"]["status"] == 500
+    assert access["engine-fails"]["passages"] == 3 and access["engine-fails"]["tokens"] > 0
+    assert access["engine-fails"]["inference_ms"] is None
 
 
 def test_one_json_access_line_per_request(server: RunningServer, json_log: io.StringIO) -> None:

@@ -1,8 +1,8 @@
 """Scoring one request, step by step: check it, grow its permit to its bound, tokenise (off the
 event loop), take what the score cache knows, queue the rest and wait for their logits, then
 aggregate windows and rank. Every step is a method a reader need not scroll; the request's
-permit (crossrank.core.admission) comes in as an argument, and its counts and timings go back
-up with the ranking, for the HTTP layer to log and measure."""
+permit (crossrank.core.admission) comes in as an argument, and so does its trace, which the
+pipeline fills in step by step for the HTTP layer to log and measure."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import numpy as np
 from crossrank.core.admission import Permit
 from crossrank.core.errors import ErrorType, InvalidInput, ServiceError
 from crossrank.core.queue import PairQueue
-from crossrank.core.ranking import Ranked, ScoreScale, Timings, rank
+from crossrank.core.ranking import Ranked, ScoreScale, Trace, rank
 from crossrank.features.chunking import LongPassages, pair_bound, passage_scores
 from crossrank.features.score_cache import ScoreCache
 from crossrank.model.tokenization import (
@@ -91,32 +91,30 @@ class Pipeline:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
-    async def score(self, request: ScoreRequest, permit: Permit) -> Ranked:
+    async def score(self, request: ScoreRequest, permit: Permit, trace: Trace) -> Ranked:
         """Rank ``request``'s passages; ``permit`` is grown to the request's pairs (or the
-        request refused) before any work, and shrunk to what is queued."""
+        request refused) before any work, and shrunk to what is queued; ``trace`` records what
+        each step cost."""
         arrived = time.monotonic()
         long = self.long_passages.override(
             request.long_passages, request.chunk_aggregation, request.max_chunks_per_doc
         )
         permit.resize(self._bound(request, long))
         encoded, tokenize_s = await self._tokenize(request, long)
+        trace.passages, trace.tokens = len(request.passages), encoded.tokens
+        trace.tokenize_ms = 1000 * tokenize_s
         self._check_pairs(request, encoded, permit.pairs)
         keys, logits, missing = await self._cached(encoded)
         permit.resize(len(missing))
-        queue_s = inference_s = None
         if missing:
             deadline = arrived + (request.timeout_ms or self._default_timeout_ms) / 1000
             pairs = [encoded.pairs[i] for i in missing]
             scored, queue_s, inference_s = await self._infer(permit, pairs, deadline)
+            trace.queue_ms, trace.inference_ms = 1000 * queue_s, 1000 * inference_s
             logits[missing] = scored
             if self._cache is not None and keys is not None:
                 self._cache.put([keys[i] for i in missing], scored.tolist())
-        timings = Timings(
-            1000 * tokenize_s,
-            None if queue_s is None else 1000 * queue_s,
-            None if inference_s is None else 1000 * inference_s,
-        )
-        return self._ranked(request, long, encoded, logits, timings)
+        return self._ranked(request, long, encoded, logits)
 
     def _bound(self, request: ScoreRequest, long: LongPassages) -> int:
         """The most pairs the request can make: its admission is judged on that. Chunked, what
@@ -234,7 +232,6 @@ class Pipeline:
         long: LongPassages,
         encoded: EncodedRequest,
         logits: np.ndarray,
-        timings: Timings,
     ) -> Ranked:
         spans = None
         if encoded.owners is not None and encoded.spans is not None:
@@ -253,6 +250,5 @@ class Pipeline:
             tokens=encoded.tokens,
             truncated=encoded.truncated,
             chunks=len(encoded.pairs),
-            timings=timings,
             spans=spans,
         )

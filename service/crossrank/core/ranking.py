@@ -1,5 +1,5 @@
-"""A request's answer: its passages ranked by logit, the scores a client sees, and what it
-cost (counts and timings, which the HTTP layer turns into the access line and metrics)."""
+"""A request's answer: its passages ranked by logit and the scores a client sees; and its
+trace: what it cost, step by step."""
 
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ import numpy as np
 from crossrank.model.model_dir import Activation, Calibration, sigmoid
 
 
-@dataclass(frozen=True, slots=True)
-class Timings:
-    """Milliseconds a request spent in each step; queue and inference are None when every pair
-    came from the score cache."""
+@dataclass(slots=True)
+class Trace:
+    """What a request got to and what each step cost, recorded by the pipeline as it goes (so a
+    request that fails midway still reports what it reached) for its caller to log and measure.
+    None: the step was not reached (queue and inference also when the cache answered all)."""
 
-    tokenize_ms: float
+    passages: int | None = None
+    tokens: int | None = None
+    tokenize_ms: float | None = None
     queue_ms: float | None = None
     inference_ms: float | None = None
 
@@ -28,7 +31,6 @@ class Ranked:
     tokens: int
     truncated: int
     chunks: int  # pairs sent to the model: windows when chunked
-    timings: Timings
     # Chunked: per passage, the window that scored it (number, first char, one past its last).
     spans: list[tuple[int, int, int]] | None = None
 

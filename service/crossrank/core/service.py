@@ -75,9 +75,10 @@ class Service:
         self._engine_factory = engine_factory
         self.model: ModelDir | None = None
         self.variant = ""
-        self.admission: Admission | None = None
-        self.pipeline: Pipeline | None = None
         self._worker: Worker | None = None
+        # From the start, so that a drain asked for during start-up holds once it is done.
+        self.admission = Admission(settings.max_queued_pairs, metrics, self._stalled)
+        self.pipeline: Pipeline | None = None
         self._queue: PairQueue | None = None
         self.ready = False
         self._drain_deadline = float("inf")
@@ -89,7 +90,10 @@ class Service:
 
     @property
     def draining(self) -> bool:
-        return self.admission is not None and self.admission.draining
+        return self.admission.draining
+
+    def _stalled(self) -> bool:
+        return self._worker is not None and self._worker.stalled
 
     async def start(self) -> None:
         """Load the model (errors here stop the server), then warm up in the background."""
@@ -133,8 +137,6 @@ class Service:
         )
         self._worker.on_stall = self._queue.stall
         self._queue.start()
-        worker = self._worker
-        self.admission = Admission(s.max_queued_pairs, self.metrics, lambda: worker.stalled)
         self.pipeline = self._pipeline(model, encoder, windows, self._queue, choice.variant)
         self.model = model
         self.variant = choice.variant
@@ -242,27 +244,25 @@ class Service:
     def begin_drain(self) -> None:
         """SIGTERM: refuse new requests from now on; admitted ones are still answered, within
         ``drain_grace_s`` from now."""
-        if self.admission is None or not self.admission.draining:
+        if not self.draining:
             self._drain_deadline = time.monotonic() + self.settings.drain_grace_s
-        if self.admission is not None:
-            self.admission.drain()
+        self.admission.drain()
 
     async def stop(self) -> None:
         self.begin_drain()
         if self._warmup is not None:
             self._warmup.cancel()
-        if self.admission is not None:
-            try:
-                async with asyncio.timeout(self._drain_deadline - time.monotonic()):
-                    await self.admission.wait_empty()
-            except TimeoutError:
-                # A hung engine or a longer queue than the grace allows: exit anyway, as the
-                # orchestrator would kill the process at the end of its own grace period.
-                log.error(
-                    "drain grace of %.0f s over with %d pairs unanswered: stopping",
-                    self.settings.drain_grace_s,
-                    self.admission.reserved,
-                )
+        try:
+            async with asyncio.timeout(self._drain_deadline - time.monotonic()):
+                await self.admission.wait_empty()
+        except TimeoutError:
+            # A hung engine or a longer queue than the grace allows: exit anyway, as the
+            # orchestrator would kill the process at the end of its own grace period.
+            log.error(
+                "drain grace of %.0f s over with %d pairs unanswered: stopping",
+                self.settings.drain_grace_s,
+                self.admission.reserved,
+            )
         if self._queue is not None:
             await self._queue.close()
         if self._worker is not None:
@@ -297,13 +297,13 @@ class Service:
             return f"engine stuck: a batch has run {stuck:.0f} s"
         return None
 
-    def require_ready(self) -> tuple[Pipeline, Admission]:
-        """The pipeline and its admission, or why requests cannot be served yet."""
+    def require_ready(self) -> Pipeline:
+        """The pipeline, or why requests cannot be served yet."""
         if self.draining:
             raise ServiceError(ErrorType.SHUTTING_DOWN, "the service is shutting down")
-        if not self.ready or self.pipeline is None or self.admission is None:
+        if not self.ready or self.pipeline is None:
             raise ServiceError(ErrorType.NOT_READY, "the model is still warming up: retry later")
-        return self.pipeline, self.admission
+        return self.pipeline
 
 
 def describe(model: ModelDir, variant: str, settings: Settings) -> dict[str, Any]:

@@ -76,7 +76,7 @@ def _add_middleware(
     app.add_middleware(
         AdmissionGateMiddleware,
         paths=ENDPOINT_LABELS.keys(),
-        admission=lambda: service.admission,
+        admission=service.admission,
         max_passages=settings.max_passages,
         respond=respond,
     )

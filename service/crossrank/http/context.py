@@ -1,10 +1,9 @@
-"""What one HTTP request is to the service: its id, what its access line reports, and the
-outermost middleware that gives it both.
+"""What one HTTP request is to the service: its id, its trace (what the access line reports),
+and the outermost middleware that gives it both.
 
 The record lives in the request's ASGI scope (``scope["state"]``, which Starlette shows routes
-as ``request.state``): the route fills in the figures the pipeline returned, and this
-middleware writes the access line and the request's duration metric from them when the
-answer is sent.
+as ``request.state``): the route hands its trace to the pipeline, which fills it in, and this
+middleware writes the access line and the request's duration metric when the answer is sent.
 """
 
 from __future__ import annotations
@@ -14,14 +13,14 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.datastructures import MutableHeaders
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crossrank.core.errors import ErrorType, ServiceError
-from crossrank.core.ranking import Ranked
+from crossrank.core.ranking import Trace
 from crossrank.ops.logs import current_request_id
 from crossrank.ops.metrics import Metrics
 
@@ -38,17 +37,7 @@ RECORD = "crossrank_record"  # the record's key in scope["state"]
 @dataclass(slots=True)
 class RequestRecord:
     id: str
-    passages: int | None = None
-    tokens: int | None = None
-    queue_ms: float | None = None
-    inference_ms: float | None = None
-
-    def scored(self, ranked: Ranked) -> None:
-        """Keep what the access line reports of a scored request."""
-        self.passages = ranked.pairs
-        self.tokens = ranked.tokens
-        self.queue_ms = ranked.timings.queue_ms
-        self.inference_ms = ranked.timings.inference_ms
+    trace: Trace = field(default_factory=Trace)
 
 
 def request_id(sent: bytes | None) -> str:
@@ -126,14 +115,15 @@ class RequestContextMiddleware:
         def ms(value: float | None) -> float | None:
             return None if value is None else round(value, 2)
 
+        trace = record.trace
         fields = {
             "method": scope["method"],
             "route": scope["path"],
             "status": status,
-            "passages": record.passages,
-            "tokens": record.tokens,
-            "queue_ms": ms(record.queue_ms),
-            "inference_ms": ms(record.inference_ms),
+            "passages": trace.passages,
+            "tokens": trace.tokens,
+            "queue_ms": ms(trace.queue_ms),
+            "inference_ms": ms(trace.inference_ms),
             "total_ms": ms(1000 * seconds),
         }
         access_log.info(

@@ -42,25 +42,19 @@ class AdmissionGateMiddleware:
         app: ASGIApp,
         *,
         paths: Collection[str],
-        admission: Callable[[], Admission | None],
+        admission: Admission,
         max_passages: int,
         respond: Callable[[ServiceError, Scope], Response],
     ) -> None:
         self.app = app
         self.paths = frozenset(paths)
-        # None only until the service's start-up has built it (before any request is served).
         self.admission = admission
         self.max_passages = max_passages
         self.respond = respond
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        admission = self.admission()
-        if (
-            admission is None
-            or scope["type"] != "http"
-            or scope["method"] != "POST"
-            or scope["path"] not in self.paths
-        ):
+        admission = self.admission
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])

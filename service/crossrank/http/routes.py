@@ -12,7 +12,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from crossrank.core.errors import ErrorType
 from crossrank.core.pipeline import ScoreRequest
-from crossrank.core.ranking import Ranked
+from crossrank.core.ranking import Ranked, Trace
 from crossrank.core.service import Service
 from crossrank.http.context import record_of
 from crossrank.http.gate import request_permit
@@ -71,14 +71,17 @@ async def _score(request: Request, job: ScoreRequest) -> Ranked | None:
     """Score ``job`` on the request's permit; None if the client went away first (its queued
     pairs are then dropped). The body has been read, so the next ASGI message is the
     disconnect."""
-    pipeline, admission = _service(request).require_ready()
+    service = _service(request)
+    pipeline = service.require_ready()
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    async with request_permit(request.scope, admission) as permit:
-        task = asyncio.ensure_future(pipeline.score(job, permit))
+    record = record_of(request.scope)
+    trace = record.trace if record is not None else Trace()
+    async with request_permit(request.scope, service.admission) as permit:
+        task = asyncio.ensure_future(pipeline.score(job, permit, trace))
         watcher = asyncio.ensure_future(disconnected())
         try:
             await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -88,11 +91,7 @@ async def _score(request: Request, job: ScoreRequest) -> Ranked | None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             return None
-    ranked = task.result()
-    record = record_of(request.scope)
-    if record is not None:
-        record.scored(ranked)
-    return ranked
+    return task.result()
 
 
 @router.post(
