@@ -72,6 +72,13 @@ class Parts:
     def start(self, pairs: list[EncodedPair], timeout_s: float = 5.0) -> asyncio.Task:
         return asyncio.ensure_future(self.score(pairs, timeout_s))
 
+    async def held(self, pairs: list[EncodedPair], timeout_s: float = 5.0) -> asyncio.Task:
+        """A request whose first batch the engine holds at its (closed) gate."""
+        self.engine.gate.clear()
+        task = self.start(pairs, timeout_s)
+        await self.engine_entered()
+        return task
+
     async def engine_entered(self, batches: int = 1) -> None:
         """Until the engine has been handed ``batches`` more batches (it may be holding them
         at its gate)."""
@@ -186,9 +193,7 @@ def test_small_request_is_not_stuck_behind_a_large_one() -> None:
 def test_a_dispatched_batch_keeps_its_room_until_the_engine_gives_it_back() -> None:
     async def main() -> None:
         async with running(max_queued_pairs=50, max_batch_pairs=10) as parts:
-            parts.engine.gate.clear()
-            waiter = parts.start([pair(10) for _ in range(40)])
-            await parts.engine_entered()
+            waiter = await parts.held([pair(10) for _ in range(40)])
             assert parts.queue.queued_pairs == 30
             assert parts.admission.reserved == 40
             with pytest.raises(ServiceError) as refused:
@@ -276,9 +281,7 @@ def test_deadline_drops_queued_pairs_before_inference() -> None:
 def test_cancelled_waiter_drops_its_pairs() -> None:
     async def main() -> None:
         async with running(max_batch_pairs=4) as parts:
-            parts.engine.gate.clear()
-            waiter = parts.start([pair(10) for _ in range(12)])
-            await parts.engine_entered()
+            waiter = await parts.held([pair(10) for _ in range(12)])
             waiter.cancel()
             await asyncio.gather(waiter, return_exceptions=True)
             parts.engine.gate.set()
@@ -293,9 +296,7 @@ def test_cancelled_waiter_drops_its_pairs() -> None:
 def test_engine_fault_fails_only_that_batch() -> None:
     async def main() -> None:
         async with running(max_batch_pairs=4, max_batch_tokens=10_000) as parts:
-            parts.engine.gate.clear()
-            good = parts.start([pair(10, token=1) for _ in range(4)])
-            await parts.engine_entered()
+            good = await parts.held([pair(10, token=1) for _ in range(4)])
             bad = parts.start([pair(10, token=POISON) for _ in range(6)])
             await asyncio.sleep(0)  # it reaches the queue's inbox
             parts.engine.gate.set()
@@ -332,9 +333,7 @@ def test_broken_engine_is_reported_unhealthy_then_recovers() -> None:
 def test_drain_refuses_new_work_and_finishes_admitted() -> None:
     async def main() -> None:
         async with running(max_batch_pairs=2) as parts:
-            parts.engine.gate.clear()
-            waiter = parts.start([pair(5) for _ in range(6)])
-            await parts.engine_entered()
+            waiter = await parts.held([pair(5) for _ in range(6)])
             parts.admission.drain()
             emptied = asyncio.ensure_future(parts.admission.wait_empty())
             with pytest.raises(ServiceError) as refused:
