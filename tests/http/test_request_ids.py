@@ -9,7 +9,7 @@ import logging
 from collections.abc import Iterator
 
 import pytest
-from support import RunningServer, run_server
+from support import RunningServer, run_server, wait_for
 
 from crossrank.core.pipeline import Pipeline
 from crossrank.model.model_dir import ModelDir
@@ -34,6 +34,13 @@ def json_log() -> Iterator[io.StringIO]:
 
 def lines(out: io.StringIO) -> list[dict]:
     return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def access_lines(out: io.StringIO, count: int) -> list[dict]:
+    """The access lines logged, once there are ``count``: a line is written as its answer
+    goes out, so the client may read the answer first."""
+    wait_for(lambda: len([x for x in lines(out) if x["logger"] == "crossrank.access"]) >= count)
+    return [x for x in lines(out) if x["logger"] == "crossrank.access"]
 
 
 @pytest.mark.parametrize(
@@ -122,7 +129,7 @@ def test_engine_failure_and_unexpected_errors_show_the_id_and_no_trace(
     assert engine
     assert "injected engine fault" in engine[0]["exception"]
     # A request that failed after tokenisation still reports what it reached.
-    access = {x["request_id"]: x for x in logged if x["logger"] == "crossrank.access"}
+    access = {x["request_id"]: x for x in access_lines(json_log, 2)}
     assert access["engine-fails"]["status"] == 500
     assert access["engine-fails"]["passages"] == 3 and access["engine-fails"]["tokens"] > 0
     assert access["engine-fails"]["inference_ms"] is None
@@ -134,7 +141,7 @@ def test_one_json_access_line_per_request(server: RunningServer, json_log: io.St
         bad = c.post("/rerank", json={"query": "q"}, headers={"X-Request-ID": "access-bad"})
     assert ok.status_code == 200
     assert bad.status_code == 422
-    access = [x for x in lines(json_log) if x["logger"] == "crossrank.access"]
+    access = access_lines(json_log, 2)
     by_id = {x["request_id"]: x for x in access}
     assert len(access) == 2
     line = by_id["access-ok"]

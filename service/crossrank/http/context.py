@@ -38,6 +38,8 @@ RECORD = "crossrank_record"  # the record's key in scope["state"]
 class RequestRecord:
     id: str
     trace: Trace = field(default_factory=Trace)
+    # What the request calls its candidates (Cohere's shape: documents), for its errors' fields.
+    items: str = "passages"
 
 
 def request_id(sent: bytes | None) -> str:

@@ -1,9 +1,11 @@
 """The one map from the service's errors to HTTP: status, headers and the one error body.
 
 Every failure a client sees is rendered here, whoever met it (a route, a middleware, the
-framework's validation): ``{"error": {"type", "message", "field"?, "id"}}``, ``id`` being the
-request's id (its ``X-Request-ID`` header and the key to its log lines). Refusals are counted
-here too, once each, by reason.
+framework's validation): ``{"error": {"type", "message", "field"?, "id"}, "message", "detail"}``,
+``id`` being the request's id (its ``X-Request-ID`` header and the key to its log lines), and
+the message repeated at the top level for the clients that read it there (Cohere's SDK reads
+``message``; FastAPI's and Jina-style clients read ``detail``). Refusals are counted here too,
+once each, by reason.
 """
 
 from __future__ import annotations
@@ -61,13 +63,16 @@ HTTP_ERROR_TYPES = {
     413: ErrorType.BODY_TOO_LARGE,
 }
 
-# What each scoring route calls its list of candidates (the core calls it passages).
-ITEMS_FIELD = {"/v1/rerank": "documents", "/v2/rerank": "documents"}
+# The shapes a scoring body may take at /rerank (crossrank's own, Cohere's): names pydantic puts
+# in an error's location, which a field name leaves out.
+BODY_SHAPES = ("crossrank", "cohere")
 
 
 def _field(loc: tuple) -> str | None:
     """('body', 'passages', 3) -> 'passages[3]'."""
     parts = [p for p in loc if p != "body"]
+    if parts and parts[0] in BODY_SHAPES:
+        parts = parts[1:]
     return spell(tuple(parts), items="passages") if parts else None
 
 
@@ -102,17 +107,20 @@ class ErrorResponder:
         if reason is not None:
             self._metrics.rejected_requests.labels(reason).inc()
         body: dict[str, str] = {"type": error.type.value, "message": error.message}
+        record = record_of(scope)
         if isinstance(error, InvalidInput):
-            field = spell(error.path, ITEMS_FIELD.get(scope.get("path", ""), "passages"))
+            field = spell(error.path, record.items if record is not None else "passages")
             body["message"] = f"{field}: {error.reason}"
             body["field"] = field
         elif error.field is not None:
             body["field"] = error.field
-        record = record_of(scope)
         if record is not None:
             body["id"] = record.id
+        message = body["message"]
         return JSONResponse(
-            {"error": body}, status_code=STATUS[error.type], headers=self._headers(error)
+            {"error": body, "message": message, "detail": message},
+            status_code=STATUS[error.type],
+            headers=self._headers(error),
         )
 
     def _headers(self, error: ServiceError) -> dict[str, str]:

@@ -24,7 +24,7 @@ from crossrank.http.schemas import (
     HealthResponse,
     InfoResponse,
     ReadyResponse,
-    RerankRequest,
+    RerankBody,
     RerankResponse,
     RerankResult,
     Usage,
@@ -96,11 +96,14 @@ async def _score(request: Request, job: ScoreRequest) -> Ranked | None:
 
 @router.post(
     "/rerank",
-    response_model=RerankResponse,
+    response_model=RerankResponse | CohereResponse,
     responses=RERANK_ERRORS,
-    summary="Score passages against a query and return them best first.",
+    summary="Score passages against a query and return them best first (a body in Cohere's "
+    "shape, with documents, is answered in Cohere's shape).",
 )
-async def rerank(body: RerankRequest, request: Request) -> Response:
+async def rerank(body: RerankBody, request: Request) -> Response:
+    if isinstance(body, CohereRerankRequest):
+        return await _cohere_answer(body, request)
     service = _service(request)
     texts = document_texts(body.passages, body.rank_fields, "passages")
     ranked = await _score(request, body.job(texts))
@@ -131,6 +134,13 @@ async def rerank(body: RerankRequest, request: Request) -> Response:
     "/v2/rerank", response_model=CohereResponse, responses=RERANK_ERRORS, include_in_schema=False
 )
 async def cohere_rerank(body: CohereRerankRequest, request: Request) -> Response:
+    return await _cohere_answer(body, request)
+
+
+async def _cohere_answer(body: CohereRerankRequest, request: Request) -> Response:
+    record = record_of(request.scope)
+    if record is not None:
+        record.items = "documents"
     service = _service(request)
     texts = document_texts(body.documents, body.rank_fields, "documents")
     ranked = await _score(request, body.job(texts))

@@ -9,18 +9,21 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PlainValidator,
     StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
+    Tag,
     WithJsonSchema,
+    model_validator,
 )
 
 from crossrank.core.errors import ErrorType, invalid
 from crossrank.core.pipeline import ScoreRequest
-from crossrank.http.errors import STATUS
+from crossrank.http.errors import BODY_SHAPES, STATUS
 
 
 def _text(value: str) -> str:
@@ -137,6 +140,16 @@ def listed_items(body: bytes) -> int | None:
 
 class RerankRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_shape(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "passages" in value and "documents" in value:
+            raise ValueError(
+                "send passages (crossrank's shape) or documents (Cohere's), not both: the "
+                "answer's shape follows the body's"
+            )
+        return value
 
     query: Text
     passages: list[Document] = Field(
@@ -282,6 +295,23 @@ class CohereResponse(BaseModel):
     usage: dict
 
 
+def _body_shape(value: Any) -> str:
+    """Cohere's shape when the body lists documents and no passages, else crossrank's."""
+    crossrank, cohere = BODY_SHAPES
+    if isinstance(value, dict) and "documents" in value and "passages" not in value:
+        return cohere
+    return crossrank
+
+
+# What /rerank takes: crossrank's body, or Cohere's (answered in Cohere's shape), as vLLM and
+# Infinity accept at /rerank.
+RerankBody = Annotated[
+    Annotated[RerankRequest, Tag(BODY_SHAPES[0])]
+    | Annotated[CohereRerankRequest, Tag(BODY_SHAPES[1])],
+    Discriminator(_body_shape),
+]
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok", "stuck"]
     reason: str | None = None
@@ -315,9 +345,13 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    """The one error body of every failure."""
+    """The one error body of every failure. ``message`` and ``detail`` repeat the error's
+    message at the top level, where Cohere's clients (``message``) and FastAPI's and Jina's
+    (``detail``) look for it."""
 
     error: ErrorDetail
+    message: str
+    detail: str
 
 
 def error_responses(*types: ErrorType) -> dict[int | str, dict[str, Any]]:
