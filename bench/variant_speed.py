@@ -31,7 +31,7 @@ from bench.engine_bench import make_batches
 from bench.ranking_agreement import ranking_agreement
 from bench.run import machine
 from crossrank.core.scheduling import AUTO_BATCH_TOKENS
-from crossrank.core.service import warmup_batches
+from crossrank.core.served import warmup_batches
 from crossrank.model.engine import Engine, OnnxEngine, plan_session
 from crossrank.model.fp32_rebuild import FP32_FROM_FP16
 from crossrank.model.model_dir import load_model_dir

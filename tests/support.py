@@ -5,6 +5,7 @@ test can gate, fail and watch; and helpers to read its metrics and wait for a co
 from __future__ import annotations
 
 import random
+import re
 import socket
 import string
 import threading
@@ -16,6 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import (
     Tokenizer,
     decoders,
@@ -125,14 +127,20 @@ def build_model(vocab_size: int, max_length: int, seed: int = 0) -> BertForSeque
     return model
 
 
-def build_model_dir(out: Path, max_length: int = 128, max_query_tokens: int = 16) -> ModelDir:
+def build_model_dir(
+    out: Path,
+    max_length: int = 128,
+    max_query_tokens: int = 16,
+    seed: int = 0,
+    name: str = "tiny-test-bert",
+) -> ModelDir:
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer.get_vocab_size(), max_length)
+    model = build_model(tokenizer.get_vocab_size(), max_length, seed)
     return export_model_dir(
         model,
         tokenizer,
         out,
-        name="tiny-test-bert",
+        name=name,
         max_query_tokens=max_query_tokens,
         max_length=max_length,
     )
@@ -269,7 +277,8 @@ class RunningServer:
         self.thread = thread
         self.url = url
         self.app = app
-        self.engine: GatedEngine | None = None
+        self.engine: GatedEngine | None = None  # the first model's, when gated
+        self.engines: list[GatedEngine] = []  # every model's, in the order they were built
 
     def client(self, timeout: float = 30) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout)
@@ -286,20 +295,21 @@ class RunningServer:
 
 @contextmanager
 def run_server(
-    model: ModelDir, gated: bool = False, hold_warm_up: bool = False, **overrides
+    directory: ModelDir, gated: bool = False, hold_warm_up: bool = False, **overrides
 ) -> Iterator[RunningServer]:
     """A real uvicorn server on loopback, in a thread, with the given settings. With
     ``hold_warm_up`` the gated engine starts closed: the warm-up cannot finish before the test
     opens the gate (closing it after start races a fast warm-up)."""
     port = free_port()
-    settings = Settings(model=model.path, host="127.0.0.1", port=port, threads=1, **overrides)
-    holder: dict[str, GatedEngine] = {}
+    overrides.setdefault("model", directory.path)  # several: model=[...] or models_file
+    settings = Settings(host="127.0.0.1", port=port, threads=1, **overrides)
+    engines: list[GatedEngine] = []
 
     def factory(path: Path, plan: SessionPlan):
         if not gated:
             return OnnxEngine(path, plan)
-        holder["engine"] = GatedEngine(path, plan, closed=hold_warm_up)
-        return holder["engine"]
+        engines.append(GatedEngine(path, plan, closed=hold_warm_up))
+        return engines[-1]
 
     app = create_app(settings, engine_factory=factory)
     config = uvicorn_config(app, settings)
@@ -314,23 +324,37 @@ def run_server(
             raise TimeoutError("server did not start")
         time.sleep(0.01)
     running = RunningServer(server, thread, f"http://127.0.0.1:{port}", app)
-    running.engine = holder.get("engine")
+    running.engines = engines
+    running.engine = engines[0] if engines else None
     try:
         yield running
     finally:
-        if running.engine is not None:
-            running.engine.gate.set()
+        for engine in engines:
+            engine.gate.set()
         server.should_exit = True
         thread.join(30)
 
 
-def metric(srv: RunningServer, line_start: str) -> float:
+def metric(srv: RunningServer, series: str) -> float:
     with srv.client() as c:
-        text = c.get("/metrics").text
-    for line in text.splitlines():
-        if line.startswith(line_start + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no series {line_start}")
+        return metric_value(c.get("/metrics").text, series)
+
+
+def metric_value(text: str, series: str) -> float:
+    """The sum of the samples of ``series`` (``name`` or ``name{label="value",...}``) in a
+    /metrics text over every series whose labels include the ones given: a ``model`` label
+    left out sums over the models."""
+    name, _, labels = series.partition("{")
+    wanted = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+    found = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and wanted.items() <= sample.labels.items()
+    ]
+    if not found:
+        raise AssertionError(f"no series {series}")
+    return sum(found)
 
 
 def wait_for(predicate, timeout: float = 10.0) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import onnxruntime as ort
 from pydantic import ValidationError
 
+from crossrank.core.service import ModelConfigError, catalog
 from crossrank.model.engine import EngineConfigError, plan_session
-from crossrank.model.model_dir import ModelDirError, load_model_dir
 from crossrank.ops.settings import Settings
 
 TRAINING_COMMANDS = ("train", "interpolate", "eval", "export", "mine", "teach", "calibrate")
@@ -25,6 +25,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         help_text = info.description or ""
         if annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif typing.get_origin(annotation) is list:
+            parser.add_argument(flag, action="append", help=help_text)
         elif typing.get_origin(annotation) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(annotation), help=help_text)
         else:
@@ -41,21 +43,13 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**given)
     except ValidationError as exc:
-        if any(e["loc"] == ("model",) and e["type"] == "missing" for e in exc.errors()):
-            print(
-                "crossrank serve: no model directory given: pass --model DIR or set "
-                "CROSSRANK_MODEL. A model directory is what `crossrank export` writes (an ONNX "
-                "cross-encoder, tokenizer.json, crossrank.json); see README.md, 'Models'.",
-                file=sys.stderr,
-            )
-            return 2
         print(f"crossrank serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     # Fail before uvicorn starts, with the reason, rather than as an aborted app start-up.
     try:
-        load_model_dir(settings.model)
-        plan_session(settings.device, ort.get_available_providers())
-    except (ModelDirError, EngineConfigError) as exc:
+        for entry in catalog(settings):
+            plan_session(entry.settings.device, ort.get_available_providers())
+    except (ModelConfigError, EngineConfigError) as exc:
         print(f"crossrank serve: {exc}", file=sys.stderr)
         return 2
     from crossrank.http.server import serve

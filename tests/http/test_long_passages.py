@@ -149,7 +149,7 @@ def test_windows_count_against_max_passages_and_the_queue(model_dir: ModelDir) -
     assert fits.status_code == 200, fits.text
     assert fits.json()["usage"]["chunks"] == 9
     # Every reservation given back: the unused bound at tokenisation, the rest as scored.
-    assert "crossrank_reserved_pairs 0.0" in metrics
+    assert 'crossrank_reserved_pairs{model="tiny-test-bert"} 0.0' in metrics
 
 
 def test_server_default_and_cohere_max_tokens_per_doc(model_dir: ModelDir) -> None:

@@ -22,12 +22,12 @@ def pair(*ids: int, types: int = 0) -> EncodedPair:
 
 
 def sample(metrics: Metrics, name: str) -> float:
-    return metrics.registry.get_sample_value(name) or 0.0
+    return metrics.registry.get_sample_value(name, {"model": "m"}) or 0.0
 
 
 def test_keys_follow_the_tokens_and_the_model() -> None:
-    cache = ScoreCache(10_000, "model|int8|256", Metrics())
-    other = ScoreCache(10_000, "model|fp32|256", Metrics())
+    cache = ScoreCache(10_000, "model|int8|256", Metrics().for_model("m"))
+    other = ScoreCache(10_000, "model|fp32|256", Metrics().for_model("m"))
     assert cache.key(pair(1, 2, 3)) == cache.key(pair(1, 2, 3))
     assert cache.key(pair(1, 2, 3)) != cache.key(pair(1, 2, 4))
     assert cache.key(pair(1, 2, 3)) != cache.key(pair(1, 2, 3, types=1))
@@ -36,7 +36,7 @@ def test_keys_follow_the_tokens_and_the_model() -> None:
 
 def test_lru_eviction_keeps_within_the_byte_bound() -> None:
     metrics = Metrics()
-    cache = ScoreCache(3 * ENTRY_BYTES + ENTRY_BYTES // 2, "m", metrics)
+    cache = ScoreCache(3 * ENTRY_BYTES + ENTRY_BYTES // 2, "m", metrics.for_model("m"))
     keys = cache.keys([pair(i) for i in range(5)])
     cache.put(keys[:3], [0.0, 1.0, 2.0])
     assert cache.get([keys[0]]) == [0.0]  # 0 is now the most recent: 1 goes first
@@ -77,6 +77,6 @@ def test_cached_pairs_skip_the_queue_and_answer_the_same(
     assert [r["score"] for r in again["results"]] == pytest.approx(
         [r["score"] for r in uncached["results"]], abs=1e-5
     )
-    assert "crossrank_score_cache_hits_total 6.0" in metrics
-    assert "crossrank_score_cache_misses_total 4.0" in metrics
-    assert "crossrank_reserved_pairs 0.0" in metrics
+    assert 'crossrank_score_cache_hits_total{model="tiny-test-bert"} 6.0' in metrics
+    assert 'crossrank_score_cache_misses_total{model="tiny-test-bert"} 4.0' in metrics
+    assert 'crossrank_reserved_pairs{model="tiny-test-bert"} 0.0' in metrics

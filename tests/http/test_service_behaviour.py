@@ -54,12 +54,13 @@ def test_ready_only_after_warm_up_and_metrics_present_from_start(model_dir: Mode
         for series in SERIES:
             assert series in text, series
         assert (
-            'crossrank_request_duration_seconds_count{endpoint="/rerank",status="200"} 0.0' in text
+            'crossrank_request_duration_seconds_count{endpoint="/rerank",model="tiny-test-bert",'
+            'status="200"} 0.0' in text
         )
-        assert 'crossrank_dropped_pairs_total{reason="deadline"} 0.0' in text
+        assert 'crossrank_dropped_pairs_total{model="tiny-test-bert",reason="deadline"} 0.0' in text
         assert (
-            'model_info{name="tiny-test-bert",provider="CPUExecutionProvider",variant="fp32",'
-            'variant_choice="only candidate"}' in text
+            'model_info{model="tiny-test-bert",name="tiny-test-bert",provider="CPUExecutionProvider",'
+            'variant="fp32",variant_choice="only candidate"}' in text
         )
         frozen = gc.get_freeze_count()
         srv.engine.gate.set()

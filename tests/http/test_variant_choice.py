@@ -12,7 +12,7 @@ import onnx
 import pytest
 from support import run_server
 
-from crossrank.core.service import warmup_batches
+from crossrank.core.served import warmup_batches
 from crossrank.model.collate import PaddedBatch
 from crossrank.model.engine import OnnxEngine, plan_session
 from crossrank.model.fp32_rebuild import FP32_FROM_FP16, rebuild_fp32

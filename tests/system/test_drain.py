@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from support import free_port
+from support import free_port, metric_value
 
 from crossrank.model.model_dir import ModelDir
 
@@ -29,10 +29,7 @@ PASSAGES = [
 
 
 def sample(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"no {name}")
+    return metric_value(httpx.get(url + "/metrics").text, name)
 
 
 def all_admitted_some_unanswered(url: str) -> bool:

@@ -17,7 +17,7 @@ BOUND = 50
 
 
 def test_refusal_before_the_count_and_resizing_a_permit() -> None:
-    admission = Admission(BOUND, Metrics())
+    admission = Admission(BOUND, Metrics().for_model("m"))
     # Not yet counted (None): refused only when no room at all is left.
     assert admission.refusal() is None
     held = admission.acquire(30)
@@ -46,7 +46,7 @@ def test_refusal_before_the_count_and_resizing_a_permit() -> None:
 
 def test_a_stalled_engine_refuses_even_an_empty_permit() -> None:
     stalled = {"now": False}
-    admission = Admission(BOUND, Metrics(), lambda: stalled["now"])
+    admission = Admission(BOUND, Metrics().for_model("m"), lambda: stalled["now"])
     admission.acquire(0).release()
     stalled["now"] = True
     with pytest.raises(ServiceError) as refused:
@@ -55,7 +55,7 @@ def test_a_stalled_engine_refuses_even_an_empty_permit() -> None:
 
 
 def test_a_split_moves_room_and_never_exceeds_what_is_held() -> None:
-    admission = Admission(BOUND, Metrics())
+    admission = Admission(BOUND, Metrics().for_model("m"))
     whole = admission.acquire(10)
     part = whole.split(4)
     assert (whole.pairs, part.pairs, admission.reserved) == (6, 4, 10)
@@ -90,7 +90,7 @@ def test_random_interleavings_leak_nothing_and_release_nothing_twice(ops: list) 
 
     async def main() -> None:
         metrics = Metrics()
-        admission = Admission(BOUND, metrics)
+        admission = Admission(BOUND, metrics.for_model("m"))
         permits: list[Permit] = []
         holders: list[tuple[asyncio.Task, asyncio.Event]] = []
 
@@ -131,9 +131,8 @@ def test_random_interleavings_leak_nothing_and_release_nothing_twice(ops: list) 
             await asyncio.sleep(0)  # let cancelled and finished holders leave their block
             assert admission.reserved == sum(p.pairs for p in permits)
             assert 0 <= admission.reserved <= BOUND
-            assert metrics.registry.get_sample_value("crossrank_reserved_pairs") == (
-                admission.reserved
-            )
+            reserved = metrics.registry.get_sample_value("crossrank_reserved_pairs", {"model": "m"})
+            assert reserved == admission.reserved
         for _, done in holders:
             done.set()
         await asyncio.gather(*(task for task, _ in holders), return_exceptions=True)

@@ -86,7 +86,7 @@ class Parts:
             await asyncio.to_thread(self.engine.entered.acquire, True, 10)
 
     def sample(self, name: str, **labels: str) -> float:
-        value = self.metrics.registry.get_sample_value(name, labels)
+        value = self.metrics.registry.get_sample_value(name, {**labels, "model": "m"})
         return 0.0 if value is None else value
 
 
@@ -94,9 +94,10 @@ class Parts:
 async def running(**kw) -> AsyncIterator[Parts]:
     engine = ScriptedEngine()
     metrics = Metrics()
+    model = metrics.for_model("m")
     worker = Worker(
         engine,
-        metrics,
+        model,
         probe=pad_pairs([pair(4)]),
         watchdog=WatchdogLimits(
             multiple=kw.pop("watchdog_multiple", 20.0),
@@ -109,11 +110,9 @@ async def running(**kw) -> AsyncIterator[Parts]:
         max_wait_s=kw.pop("max_wait_s", 0.0),
         aging_s=2.0,
     )
-    queue = PairQueue(
-        worker, limits, length_sorting=kw.pop("length_sorting", True), metrics=metrics
-    )
+    queue = PairQueue(worker, limits, length_sorting=kw.pop("length_sorting", True), metrics=model)
     worker.on_stall = queue.stall
-    admission = Admission(kw.pop("max_queued_pairs", 5000), metrics, lambda: worker.stalled)
+    admission = Admission(kw.pop("max_queued_pairs", 5000), model, lambda: worker.stalled)
     assert not kw, kw
     queue.start()
     try:

@@ -16,12 +16,12 @@ import asyncio
 from collections.abc import Callable
 
 from crossrank.core.errors import ErrorType, ServiceError, engine_stalled
-from crossrank.ops.metrics import Metrics
+from crossrank.ops.metrics import ModelMetrics
 
 
 class Admission:
     def __init__(
-        self, max_pairs: int, metrics: Metrics, stalled: Callable[[], bool] = lambda: False
+        self, max_pairs: int, metrics: ModelMetrics, stalled: Callable[[], bool] = lambda: False
     ) -> None:
         self.max_pairs = max_pairs
         self._metrics = metrics

@@ -14,6 +14,7 @@ class ErrorType(StrEnum):
     BODY_TOO_LARGE = "body_too_large"
     REQUEST_TIMEOUT = "request_timeout"
     NOT_FOUND = "not_found"
+    MODEL_NOT_FOUND = "model_not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     QUEUE_FULL = "queue_full"
     NOT_READY = "not_ready"

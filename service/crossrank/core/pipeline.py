@@ -30,7 +30,7 @@ from crossrank.model.tokenization import (
     QueryTooLongError,
     WindowTokenizer,
 )
-from crossrank.ops.metrics import Metrics
+from crossrank.ops.metrics import ModelMetrics
 from crossrank.ops.priority import lower_current_thread
 
 
@@ -58,7 +58,7 @@ class Pipeline:
         windows: WindowTokenizer | None,
         queue: PairQueue,
         scale: ScoreScale,
-        metrics: Metrics,
+        metrics: ModelMetrics,
         *,
         max_passages: int,
         default_timeout_ms: int,

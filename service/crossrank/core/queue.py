@@ -41,7 +41,7 @@ from crossrank.core.scheduling import (
 from crossrank.core.worker import Worker
 from crossrank.model.collate import PaddedBatch, pad_pairs
 from crossrank.model.tokenization import EncodedPair
-from crossrank.ops.metrics import Metrics
+from crossrank.ops.metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class PairQueue:
         limits: BatchLimits,
         *,
         length_sorting: bool,
-        metrics: Metrics,
+        metrics: ModelMetrics,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._worker = worker
@@ -310,7 +310,7 @@ class PairQueue:
             return
         dropped = len(entry.pending)
         if dropped:
-            self._metrics.dropped_pairs.labels(reason).inc(dropped)
+            self._metrics.dropped[reason].inc(dropped)
             self._queued -= dropped
             entry.pending = []
         entry.permit.release()

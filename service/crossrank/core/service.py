@@ -1,69 +1,74 @@
-"""The service's parts and their life: load, warm up, serve, drain.
+"""The service: every model served (crossrank.core.served), the names a request may call each by,
+and their common life: start, readiness, drain.
 
-Built at start from the settings, for the model served: a worker on the engine
-(crossrank.core.worker), the queue that batches for it (crossrank.core.queue), admission
-bounding what they hold (crossrank.core.admission), and the pipeline that scores a request
-through them (crossrank.core.pipeline).
+The catalog is read when the service is made, before anything starts, and a bad one stops the
+server with a message naming the culprit: a model directory that does not load, two models
+under one name or alias, more than one default, a models file that does not parse. Nothing is
+served from a subset.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
-import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
-import onnxruntime as ort
-
-from crossrank.core.admission import Admission
 from crossrank.core.errors import ErrorType, ServiceError
-from crossrank.core.pipeline import Pipeline
-from crossrank.core.queue import PairQueue
-from crossrank.core.ranking import ScoreScale
-from crossrank.core.scheduling import AUTO_BATCH_TOKENS, BatchLimits
-from crossrank.core.watchdog import WatchdogLimits
-from crossrank.core.worker import Worker
-from crossrank.features.chunking import Aggregation, LongPassages
-from crossrank.features.score_cache import ScoreCache
-from crossrank.model.collate import PaddedBatch, pad_pairs
-from crossrank.model.engine import Engine, OnnxEngine, SessionPlan, plan_session
-from crossrank.model.model_dir import Activation, ModelDir, load_model_dir
-from crossrank.model.tokenization import (
-    EncodedPair,
-    PairTokenizer,
-    PromptTokenizer,
-    WindowTokenizer,
-    load_pair_encoder,
-)
-from crossrank.model.variant_choice import Choice, EngineFactory, load_variant, read_cpu_flags
+from crossrank.core.served import CatalogEntry, ServedModel
+from crossrank.model.engine import OnnxEngine
+from crossrank.model.model_dir import ModelDirError, load_model_dir
+from crossrank.model.variant_choice import EngineFactory
 from crossrank.ops.metrics import Metrics
-from crossrank.ops.priority import build_on_lowered_thread
 from crossrank.ops.settings import Settings
 
-log = logging.getLogger(__name__)
+
+class ModelConfigError(ValueError):
+    """The models to serve are misconfigured: the message names the culprit."""
 
 
-def warmup_batches(
-    probe: EncodedPair, max_length: int, max_batch_tokens: int, max_batch_pairs: int
-) -> list[PaddedBatch]:
-    """One full batch per power-of-two length bucket up to max_length, so every kernel shape
-    class and the largest buffers are met before the first user request."""
-    lengths = []
-    length = 16
-    while length < max_length:
-        lengths.append(length)
-        length *= 2
-    lengths.append(max_length)
-    batches = []
-    for length in lengths:
-        pairs = max(1, min(max_batch_pairs, max_batch_tokens // length))
-        ids = np.resize(probe.input_ids, length)
-        types = np.resize(probe.token_type_ids, length)
-        batches.append(pad_pairs([EncodedPair(ids, types)] * pairs))
-    return batches
+def catalog(settings: Settings) -> list[CatalogEntry]:
+    """The models to serve, each loaded (its directory read and checked) and named."""
+    try:
+        specs = settings.model_specs()
+    except ValueError as exc:
+        raise ModelConfigError(str(exc)) from None
+    if not specs:
+        raise ModelConfigError(
+            "no model to serve: pass --model DIR (or NAME=DIR), set CROSSRANK_MODEL, or give "
+            "models_file. A model directory is what `crossrank export` writes (an ONNX "
+            "cross-encoder, tokenizer.json, crossrank.json); see README.md, 'Models'."
+        )
+    entries = []
+    for spec in specs:
+        try:
+            model = load_model_dir(spec.path)
+        except ModelDirError as exc:
+            raise ModelConfigError(f"model {spec.name or spec.path}: {exc}") from None
+        name = spec.name or model.metadata.name
+        own = settings.for_model(spec)
+        if own.max_passages > own.max_queued_pairs:
+            raise ModelConfigError(
+                f"model {name}: max_passages ({own.max_passages}) exceeds its max_queued_pairs "
+                f"({own.max_queued_pairs}): such a request could never be admitted"
+            )
+        entries.append(CatalogEntry(name, tuple(spec.aliases), spec.default, model, own))
+    _check_names(entries)
+    return entries
+
+
+def _check_names(entries: list[CatalogEntry]) -> None:
+    owner: dict[str, str] = {}
+    for entry in entries:
+        for name in (entry.name, *entry.aliases):
+            if name in owner:
+                raise ModelConfigError(
+                    f"the name {name!r} is given to two models ({owner[name]} and "
+                    f"{entry.name}): give each a name of its own"
+                )
+            owner[name] = entry.name
+    defaults = [e.name for e in entries if e.default]
+    if len(defaults) > 1:
+        raise ModelConfigError(f"more than one default model: {', '.join(defaults)}")
 
 
 class Service:
@@ -72,267 +77,94 @@ class Service:
     ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self._engine_factory = engine_factory
-        self.model: ModelDir | None = None
-        self.variant = ""
-        self._worker: Worker | None = None
-        # From the start, so that a drain asked for during start-up holds once it is done.
-        self.admission = Admission(settings.max_queued_pairs, metrics, self._stalled)
-        self.pipeline: Pipeline | None = None
-        self._queue: PairQueue | None = None
-        self.ready = False
+        entries = catalog(settings)
+        metrics.unattributed()
+        self.models = [
+            ServedModel(entry, metrics.for_model(entry.name), engine_factory) for entry in entries
+        ]
+        self._by_name = {
+            name: model
+            for entry, model in zip(entries, self.models, strict=True)
+            for name in (entry.name, *entry.aliases)
+        }
+        marked = [m for e, m in zip(entries, self.models, strict=True) if e.default]
+        self.default = marked[0] if marked else self.models[0]
         self._drain_deadline = float("inf")
-        self._warmup: asyncio.Task[None] | None = None
-
-    @property
-    def model_name(self) -> str:
-        return self.model.metadata.name if self.model else ""
 
     @property
     def draining(self) -> bool:
-        return self.admission.draining
+        return self._drain_deadline != float("inf")
 
-    def _stalled(self) -> bool:
-        return self._worker is not None and self._worker.stalled
+    def resolve(self, name: str | None) -> ServedModel:
+        """The model a request names. With one model served, every name is it (clients that
+        insist on a vendor's model name keep working); with several, no name is the default
+        and an unknown name is a 404 listing the names."""
+        if len(self.models) == 1 or name is None:
+            return self.default
+        model = self._by_name.get(name)
+        if model is None:
+            served = ", ".join(sorted(self._by_name))
+            raise ServiceError(
+                ErrorType.MODEL_NOT_FOUND,
+                f"no model {name!r} is served here; the names served: {served}",
+                field="model",
+            )
+        return model
+
+    def admission_refusal(self) -> ServiceError | None:
+        """Why a request not yet read would be refused whatever model it names: draining, or
+        no model with room left."""
+        refusals = [m.admission.refusal() for m in self.models]
+        if all(refusals):
+            return refusals[0]
+        return None
 
     async def start(self) -> None:
-        """Load the model (errors here stop the server), then warm up in the background."""
-        s = self.settings
-        model = load_model_dir(s.model)
-        plan = plan_session(
-            s.device,
-            ort.get_available_providers(),
-            threads=s.threads,
-            cuda_device_id=s.cuda_device_id,
-            cuda_mem_limit_mb=s.cuda_mem_limit_mb,
-            nice=s.engine_nice,
-        )
-        encoder = load_pair_encoder(model)
-        windows = self._windows(encoder, model.metadata.name)
-        # The tokeniser's Rust thread pool is made by its first parallel call, this one: made
-        # on a lowered thread, its threads inherit the lower priority (crossrank.ops.priority).
-        probe = build_on_lowered_thread(
-            s.engine_nice, lambda: encoder.encode("warm up", ["the engine answers"])
-        ).pairs
-        batch_tokens = s.max_batch_tokens or AUTO_BATCH_TOKENS[plan.device]
-        meta = model.metadata
-        batches = warmup_batches(probe[0], meta.max_length, batch_tokens, s.max_batch_pairs)
-        choice, engine = await self._load_engine(model, plan, batches)
-        self._worker = Worker(
-            engine,
-            self.metrics,
-            probe=pad_pairs(probe),
-            watchdog=WatchdogLimits(multiple=s.watchdog_multiple, floor_s=s.watchdog_floor_s),
-        )
-        self._queue = PairQueue(
-            self._worker,
-            BatchLimits(
-                max_batch_tokens=batch_tokens,
-                max_batch_pairs=s.max_batch_pairs,
-                max_wait_s=s.max_wait_ms / 1000,
-                aging_s=s.aging_s,
-            ),
-            length_sorting=s.length_sorting,
-            metrics=self.metrics,
-        )
-        self._worker.on_stall = self._queue.stall
-        self._queue.start()
-        self.pipeline = self._pipeline(model, encoder, windows, self._queue, choice.variant)
-        self.model = model
-        self.variant = choice.variant
-        self._announce(model, choice, engine.provider)
-        self._warmup = asyncio.get_running_loop().create_task(self._warm_up(batches))
-
-    def _windows(
-        self, encoder: PairTokenizer | PromptTokenizer, name: str
-    ) -> WindowTokenizer | None:
-        """The model's window tokenizer at the server's stride; None for a model that cannot
-        chunk (refused at start if chunking is the server's default)."""
-        s = self.settings
-        if isinstance(encoder, PromptTokenizer):
-            if s.long_passages == "chunk":
-                raise ValueError(f"{name} cannot chunk long passages: set long_passages truncate")
-            return None
-        try:
-            return encoder.windows(s.chunk_stride)
-        except ValueError as exc:
-            raise ValueError(f"chunk_stride for {name}: {exc}") from None
-
-    async def _load_engine(
-        self, model: ModelDir, plan: SessionPlan, batches: list[PaddedBatch]
-    ) -> tuple[Choice, Engine]:
-        # variant auto on a CPU times the candidates on a warm-up batch
-        # (crossrank.model.variant_choice), on a thread of its own: running batches lowers a
-        # thread's priority (crossrank.ops.priority), which a thread of the loop's shared
-        # executor would keep.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="crossrank-load") as loader:
-            return await asyncio.get_running_loop().run_in_executor(
-                loader,
-                load_variant,
-                model,
-                self.settings.variant,
-                plan,
-                self._engine_factory,
-                batches,
-                read_cpu_flags(),
-            )
-
-    def _pipeline(
-        self,
-        model: ModelDir,
-        encoder: PairTokenizer | PromptTokenizer,
-        windows: WindowTokenizer | None,
-        queue: PairQueue,
-        variant: str,
-    ) -> Pipeline:
-        s = self.settings
-        meta = model.metadata
-        cache = None
-        if s.score_cache_bytes:
-            salt = f"{meta.name}|{variant}|{meta.max_length}"
-            cache = ScoreCache(s.score_cache_bytes, salt, self.metrics)
-        return Pipeline(
-            encoder,
-            windows,
-            queue,
-            ScoreScale(meta.activation, meta.calibration),
-            self.metrics,
-            max_passages=s.max_passages,
-            default_timeout_ms=s.default_timeout_ms,
-            long_passages=LongPassages(
-                s.long_passages == "chunk", Aggregation(s.chunk_aggregation), s.max_chunks_per_doc
-            ),
-            cache=cache,
-            nice=s.engine_nice,
-        )
-
-    def _announce(self, model: ModelDir, choice: Choice, provider: str) -> None:
-        name = model.metadata.name
-        self.metrics.model.info(
-            {
-                "name": name,
-                "variant": choice.variant,
-                "variant_choice": choice.basis,
-                "provider": provider,
-            }
-        )
-        log.info(
-            "model %s (%s, by %s: %s) loaded from %s",
-            name,
-            choice.variant,
-            choice.basis,
-            choice.detail,
-            model.path,
-        )
-
-    async def _warm_up(self, batches: list[PaddedBatch]) -> None:
-        assert self._worker is not None
-        try:
-            await self._worker.warm_up(batches)
-        except Exception:
-            log.exception("warm-up failed: the service stays not ready")
-            self._worker.fail_warm_up()
-            return
-        # What is alive now lives as long as the service. Frozen, it is no longer walked by
-        # each full pass of the cyclic collector: a pause of the event loop, and so of every
-        # request in flight and every refusal, as long as that walk.
-        gc.collect()
-        gc.freeze()
-        self.ready = True
-        log.info("warm-up done over %d length buckets: ready", len(batches))
+        """Build every model's parts (errors here stop the server); they warm up beside each
+        other in the background."""
+        for model in self.models:
+            await model.start()
 
     def begin_drain(self) -> None:
         """SIGTERM: refuse new requests from now on; admitted ones are still answered, within
         ``drain_grace_s`` from now."""
         if not self.draining:
             self._drain_deadline = time.monotonic() + self.settings.drain_grace_s
-        self.admission.drain()
+        for model in self.models:
+            model.admission.drain()
 
     async def stop(self) -> None:
         self.begin_drain()
-        if self._warmup is not None:
-            self._warmup.cancel()
-        try:
-            async with asyncio.timeout(self._drain_deadline - time.monotonic()):
-                await self.admission.wait_empty()
-        except TimeoutError:
-            # A hung engine or a longer queue than the grace allows: exit anyway, as the
-            # orchestrator would kill the process at the end of its own grace period.
-            log.error(
-                "drain grace of %.0f s over with %d pairs unanswered: stopping",
-                self.settings.drain_grace_s,
-                self.admission.reserved,
-            )
-        if self._queue is not None:
-            await self._queue.close()
-        if self._worker is not None:
-            self._worker.close()
-        if self.pipeline is not None:
-            self.pipeline.close()
-
-    def describe(self) -> dict[str, Any]:
-        """The model being served and what its scores mean (GET /info)."""
-        if self.model is None:
-            raise ServiceError(ErrorType.NOT_READY, "the model is still loading: retry later")
-        return describe(self.model, self.variant, self.settings)
+        await asyncio.gather(*(m.stop(self._drain_deadline) for m in self.models))
 
     def readiness(self) -> str | None:
-        """Why the service is not ready, or None when it is."""
+        """Why the service is not ready (naming any model that is not), or None when it is."""
         if self.draining:
             return "shutting down"
-        if not self.ready:
-            return "warming up" if self._warmup and not self._warmup.done() else "warm-up failed"
-        if self._worker is not None and self._worker.stalled:
-            return "engine stalled"
-        if self._worker is not None and not self._worker.healthy:
-            return "engine failing"
-        return None
+        reasons = [(m.name, m.readiness()) for m in self.models]
+        waiting = [f"{name}: {reason}" for name, reason in reasons if reason is not None]
+        if not waiting:
+            return None
+        return waiting[0].split(": ", 1)[1] if len(self.models) == 1 else "; ".join(waiting)
 
     def liveness(self) -> str | None:
         """Why the process should be restarted, or None while it is fine."""
-        if self._worker is None:
-            return None
-        stuck = self._worker.stuck_for(time.monotonic())
-        if stuck > self.settings.watchdog_liveness_s:
-            return f"engine stuck: a batch has run {stuck:.0f} s"
+        for model in self.models:
+            reason = model.liveness()
+            if reason is not None:
+                return reason if len(self.models) == 1 else f"{model.name}: {reason}"
         return None
 
-    def require_ready(self) -> Pipeline:
-        """The pipeline, or why requests cannot be served yet."""
-        if self.draining:
-            raise ServiceError(ErrorType.SHUTTING_DOWN, "the service is shutting down")
-        if not self.ready or self.pipeline is None:
-            raise ServiceError(ErrorType.NOT_READY, "the model is still warming up: retry later")
-        return self.pipeline
+    def describe(self) -> dict[str, Any]:
+        """The default model's description, and every model's (GET /info)."""
+        return {**self.default.describe(), "models": [m.describe() for m in self.models]}
 
-
-def describe(model: ModelDir, variant: str, settings: Settings) -> dict[str, Any]:
-    """The model being served and what its scores mean (GET /info)."""
-    meta = model.metadata
-    calibration = meta.calibration
-    if calibration is not None:
-        score = (
-            f"calibrated probability of relevance ({calibration.method} scaling of the "
-            f"logit, fitted on {calibration.fitted_on}); raw_scores gives the logit"
-        )
-    elif meta.activation is Activation.SIGMOID:
-        score = "sigmoid of the logit (not calibrated); raw_scores gives the logit"
-    else:
-        score = "the logit (not calibrated: meaningful only relative to other passages' scores)"
-    return {
-        "model": meta.name,
-        "variant": variant,
-        "max_length": meta.max_length,
-        "max_query_tokens": meta.max_query_tokens,
-        "activation": meta.activation.value,
-        "calibrated": calibration is not None,
-        "score": score,
-        "calibration": calibration.model_dump(mode="json") if calibration else None,
-        "score_cache_bytes": settings.score_cache_bytes,
-        "long_passages": {
-            "default": settings.long_passages,
-            "chunk_stride": settings.chunk_stride,
-            "chunk_aggregation": settings.chunk_aggregation,
-            "max_chunks_per_doc": settings.max_chunks_per_doc,
-        },
-    }
+    def listing(self) -> dict[str, Any]:
+        """The models as OpenAI's, vLLM's and Infinity's /v1/models list them."""
+        created = int(time.time())
+        data = [
+            {"id": name, "object": "model", "created": created, "owned_by": "crossrank"}
+            for model in self.models
+            for name in (model.name, *model.aliases)
+        ]
+        return {"object": "list", "data": data}

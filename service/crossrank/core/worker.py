@@ -25,7 +25,7 @@ from crossrank.core.errors import ErrorType, ServiceError
 from crossrank.core.watchdog import WatchdogLimits, expected_seconds, stall_deadline, updated_speed
 from crossrank.model.collate import PaddedBatch
 from crossrank.model.engine import Engine
-from crossrank.ops.metrics import Metrics
+from crossrank.ops.metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class Worker:
     def __init__(
         self,
         engine: Engine,
-        metrics: Metrics,
+        metrics: ModelMetrics,
         *,
         probe: PaddedBatch,
         watchdog: WatchdogLimits,

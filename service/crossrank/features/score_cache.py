@@ -15,7 +15,7 @@ from collections import OrderedDict
 import numpy as np
 
 from crossrank.model.tokenization import EncodedPair
-from crossrank.ops.metrics import Metrics
+from crossrank.ops.metrics import ModelMetrics
 
 DIGEST_BYTES = 16
 # What one entry costs in memory: the key's bytes object, the float, and OrderedDict's link and
@@ -24,7 +24,7 @@ ENTRY_BYTES = sys.getsizeof(b"\0" * DIGEST_BYTES) + sys.getsizeof(0.0) + 56 + 40
 
 
 class ScoreCache:
-    def __init__(self, max_bytes: int, salt: str, metrics: Metrics) -> None:
+    def __init__(self, max_bytes: int, salt: str, metrics: ModelMetrics) -> None:
         self.max_entries = max_bytes // ENTRY_BYTES
         self._salt = salt.encode()
         self._metrics = metrics

@@ -76,7 +76,7 @@ def _add_middleware(
     app.add_middleware(
         AdmissionGateMiddleware,
         paths=ENDPOINT_LABELS.keys(),
-        admission=service.admission,
+        service=service,
         max_passages=settings.max_passages,
         respond=respond,
     )

@@ -40,6 +40,7 @@ class RequestRecord:
     trace: Trace = field(default_factory=Trace)
     # What the request calls its candidates (Cohere's shape: documents), for its errors' fields.
     items: str = "passages"
+    model: str = ""  # the model serving it, once known: its metrics' label
 
 
 def request_id(sent: bytes | None) -> str:
@@ -110,7 +111,7 @@ class RequestContextMiddleware:
         if endpoint is not None:
             # No answer sent: the request was cancelled, as uvicorn does to a closed connection.
             label = str(status or 500)
-            self.metrics.request_duration.labels(endpoint, label).observe(seconds)
+            self.metrics.request_duration.labels(endpoint, label, record.model).observe(seconds)
         if not self.access:
             return
 

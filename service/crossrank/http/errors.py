@@ -25,6 +25,7 @@ STATUS: dict[ErrorType, int] = {
     ErrorType.BODY_TOO_LARGE: 413,
     ErrorType.REQUEST_TIMEOUT: 408,
     ErrorType.NOT_FOUND: 404,
+    ErrorType.MODEL_NOT_FOUND: 404,
     ErrorType.METHOD_NOT_ALLOWED: 405,
     ErrorType.QUEUE_FULL: 503,
     ErrorType.NOT_READY: 503,
@@ -103,11 +104,12 @@ class ErrorResponder:
         self._retry_after_s = retry_after_s
 
     def __call__(self, error: ServiceError, scope: Scope) -> JSONResponse:
+        record = record_of(scope)
         reason = REJECTION.get(error.type)
         if reason is not None:
-            self._metrics.rejected_requests.labels(reason).inc()
+            model = record.model if record is not None else ""
+            self._metrics.rejected_requests.labels(reason, model).inc()
         body: dict[str, str] = {"type": error.type.value, "message": error.message}
-        record = record_of(scope)
         if isinstance(error, InvalidInput):
             field = spell(error.path, record.items if record is not None else "passages")
             body["message"] = f"{field}: {error.reason}"

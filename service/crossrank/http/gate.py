@@ -21,19 +21,22 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from crossrank.core.admission import Admission, Permit
+from crossrank.core.admission import Permit
 from crossrank.core.errors import ServiceError
+from crossrank.core.served import ServedModel
+from crossrank.core.service import Service
+from crossrank.http.context import record_of
 from crossrank.http.json_body import is_json
 from crossrank.http.schemas import listed_items
 
-PERMIT = "crossrank_permit"  # the gate's permit's key in scope["state"]
+PERMIT = "crossrank_permit"  # the gate's (model, permit) in scope["state"]
 
 
-def request_permit(scope: Scope, admission: Admission) -> Permit:
-    """The permit the gate acquired for this request, else one holding no room yet, which the
-    pipeline grows to the request's bound (or is refused)."""
-    held = scope.get("state", {}).get(PERMIT)
-    return held if held is not None else admission.acquire(0)
+def request_permit(scope: Scope, served: ServedModel) -> Permit:
+    """The permit the gate acquired for this request from ``served``'s admission, else one
+    holding no room yet, which the pipeline grows to the request's bound (or is refused)."""
+    model, held = scope.get("state", {}).get(PERMIT, (None, None))
+    return held if model is served else served.admission.acquire(0)
 
 
 class AdmissionGateMiddleware:
@@ -42,23 +45,22 @@ class AdmissionGateMiddleware:
         app: ASGIApp,
         *,
         paths: Collection[str],
-        admission: Admission,
+        service: Service,
         max_passages: int,
         respond: Callable[[ServiceError, Scope], Response],
     ) -> None:
         self.app = app
         self.paths = frozenset(paths)
-        self.admission = admission
+        self.service = service
         self.max_passages = max_passages
         self.respond = respond
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        admission = self.admission
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        error = admission.refusal() if _kept_alive(scope, headers) else None
+        error = self.service.admission_refusal() if _kept_alive(scope, headers) else None
         if error is not None:
             # uvicorn reads and discards the unread body, keeping the connection. It closes one
             # that is not kept alive right after the answer, and closing on unread data resets
@@ -69,18 +71,31 @@ class AdmissionGateMiddleware:
         body = await _Body.read(receive)
         content_type = headers.get(b"content-type", b"").decode("latin-1")
         listed = listed_items(body.data) if body.complete and is_json(content_type) else None
-        # Over max_passages the route's 422 says why; a 503 would invite retries.
-        if not listed or listed > self.max_passages:
+        served = self._model(listed)
+        # Over max_passages the route's 422 says why; a 503 would invite retries. A model not
+        # served is the route's 404.
+        if listed is None or served is None or not 0 < listed[0] <= self.max_passages:
             await self.app(scope, body.replay(receive), send)
             return
+        record = record_of(scope)
+        if record is not None:
+            record.model = served.name
         try:
-            permit = admission.acquire(listed)
+            permit = served.admission.acquire(listed[0])
         except ServiceError as refused:
             await self.respond(refused, scope)(scope, receive, send)
             return
         async with permit:
-            scope.setdefault("state", {})[PERMIT] = permit
+            scope.setdefault("state", {})[PERMIT] = (served, permit)
             await self.app(scope, body.replay(receive), send)
+
+    def _model(self, listed: tuple[int, str | None] | None) -> ServedModel | None:
+        if listed is None:
+            return None
+        try:
+            return self.service.resolve(listed[1])
+        except ServiceError:
+            return None
 
 
 class _Body:

@@ -13,6 +13,7 @@ from starlette.responses import PlainTextResponse, Response
 from crossrank.core.errors import ErrorType
 from crossrank.core.pipeline import ScoreRequest
 from crossrank.core.ranking import Ranked, Trace
+from crossrank.core.served import ServedModel
 from crossrank.core.service import Service
 from crossrank.http.context import record_of
 from crossrank.http.gate import request_permit
@@ -23,6 +24,7 @@ from crossrank.http.schemas import (
     CohereResult,
     HealthResponse,
     InfoResponse,
+    ModelList,
     ReadyResponse,
     RerankBody,
     RerankResponse,
@@ -41,6 +43,7 @@ router = APIRouter(route_class=StrictJSONRoute)
 # What a rerank route can answer besides 200 (documented in the OpenAPI, checked by fuzzing).
 RERANK_ERRORS = error_responses(
     ErrorType.UNAUTHORIZED,
+    ErrorType.MODEL_NOT_FOUND,
     ErrorType.REQUEST_TIMEOUT,
     ErrorType.BODY_TOO_LARGE,
     ErrorType.INVALID_REQUEST,
@@ -58,6 +61,16 @@ def _service(request: Request) -> Service:
     return request.app.state.service
 
 
+def _model(request: Request, name: str | None) -> ServedModel:
+    """The model the request names (crossrank.core.service.Service.resolve), kept on its
+    record for its metrics' label."""
+    served = _service(request).resolve(name)
+    record = record_of(request.scope)
+    if record is not None:
+        record.model = served.name
+    return served
+
+
 def _json(body: BaseModel, status: int = 200, exclude_none: bool = True) -> Response:
     """A response model rendered by pydantic's serialiser (unset optional fields left out)."""
     return Response(
@@ -67,12 +80,11 @@ def _json(body: BaseModel, status: int = 200, exclude_none: bool = True) -> Resp
     )
 
 
-async def _score(request: Request, job: ScoreRequest) -> Ranked | None:
-    """Score ``job`` on the request's permit; None if the client went away first (its queued
-    pairs are then dropped). The body has been read, so the next ASGI message is the
-    disconnect."""
-    service = _service(request)
-    pipeline = service.require_ready()
+async def _score(request: Request, job: ScoreRequest, served: ServedModel) -> Ranked | None:
+    """Score ``job`` with ``served`` on the request's permit; None if the client went away
+    first (its queued pairs are then dropped). The body has been read, so the next ASGI
+    message is the disconnect."""
+    pipeline = served.require_ready()
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -80,7 +92,7 @@ async def _score(request: Request, job: ScoreRequest) -> Ranked | None:
 
     record = record_of(request.scope)
     trace = record.trace if record is not None else Trace()
-    async with request_permit(request.scope, service.admission) as permit:
+    async with request_permit(request.scope, served) as permit:
         task = asyncio.ensure_future(pipeline.score(job, permit, trace))
         watcher = asyncio.ensure_future(disconnected())
         try:
@@ -104,9 +116,9 @@ async def _score(request: Request, job: ScoreRequest) -> Ranked | None:
 async def rerank(body: RerankBody, request: Request) -> Response:
     if isinstance(body, CohereRerankRequest):
         return await _cohere_answer(body, request)
-    service = _service(request)
+    served = _model(request, body.model)
     texts = document_texts(body.passages, body.rank_fields, "passages")
-    ranked = await _score(request, body.job(texts))
+    ranked = await _score(request, body.job(texts), served)
     if ranked is None:
         return Response(status_code=CLIENT_CLOSED)
     results = [
@@ -121,7 +133,7 @@ async def rerank(body: RerankBody, request: Request) -> Response:
     usage = Usage(
         pairs=ranked.pairs, chunks=ranked.chunks, tokens=ranked.tokens, truncated=ranked.truncated
     )
-    return _json(RerankResponse(results=results, model=service.model_name, usage=usage))
+    return _json(RerankResponse(results=results, model=served.name, usage=usage))
 
 
 @router.post(
@@ -141,9 +153,9 @@ async def _cohere_answer(body: CohereRerankRequest, request: Request) -> Respons
     record = record_of(request.scope)
     if record is not None:
         record.items = "documents"
-    service = _service(request)
+    served = _model(request, body.model)
     texts = document_texts(body.documents, body.rank_fields, "documents")
-    ranked = await _score(request, body.job(texts))
+    ranked = await _score(request, body.job(texts), served)
     if ranked is None:
         return Response(status_code=CLIENT_CLOSED)
     results = [
@@ -164,7 +176,7 @@ async def _cohere_answer(body: CohereRerankRequest, request: Request) -> Respons
                 "billed_units": {"search_units": 1},
                 "tokens": {"input_tokens": ranked.tokens, "output_tokens": 0},
             },
-            model=service.model_name,
+            model=served.name,
             usage={"total_tokens": ranked.tokens},
         )
     )
@@ -202,10 +214,21 @@ async def ready(request: Request) -> Response:
     "/info",
     response_model=InfoResponse,
     responses=error_responses(ErrorType.UNAUTHORIZED, ErrorType.NOT_READY, ErrorType.INTERNAL),
-    summary="The model served and what its scores mean (calibrated probability or not).",
+    summary="The default model and what its scores mean (calibrated probability or not); "
+    "every model served under models.",
 )
 async def info(request: Request) -> Response:
     return _json(InfoResponse(**_service(request).describe()), exclude_none=False)
+
+
+@router.get(
+    "/v1/models",
+    response_model=ModelList,
+    responses=error_responses(ErrorType.UNAUTHORIZED, ErrorType.INTERNAL),
+    summary="The models served, by every name a request may use (OpenAI's list shape).",
+)
+async def models(request: Request) -> Response:
+    return _json(ModelList(**_service(request).listing()))
 
 
 @router.get(

@@ -42,6 +42,12 @@ Text = Annotated[StrictStr, AfterValidator(_text)]
 
 LongPassages = Literal["truncate", "chunk"]
 ChunkAggregation = Literal["max", "first", "mean"]
+MODEL = Field(
+    default=None,
+    min_length=1,
+    description="The model to rank with, by name or alias (GET /v1/models); with one model "
+    "served any name is it, with several none is the default.",
+)
 LONG_PASSAGES = Field(
     default=None,
     description="truncate: cut a pair to the model's max length; chunk: score overlapping "
@@ -116,26 +122,28 @@ def document_texts(
 
 class _Listed(msgspec.Struct):
     """A scoring body's item lists, each item left unread (msgspec.Raw): their number is all
-    admission needs, and a count that skips decoding the strings costs less than a full parse."""
+    admission needs, and a count that skips decoding the strings costs less than a full parse;
+    and the model it names."""
 
     passages: list[msgspec.Raw] | None = None
     documents: list[msgspec.Raw] | None = None
+    model: str | None = None
 
 
 _listed = msgspec.json.Decoder(_Listed)
 
 
-def listed_items(body: bytes) -> int | None:
+def listed_items(body: bytes) -> tuple[int, str | None] | None:
     """How many passages (``/rerank``) or documents (the Cohere routes) a JSON body lists,
-    before it is validated: a lower bound on the pairs its request will hold room for, which
-    admission can judge first (crossrank.http.gate.AdmissionGateMiddleware). None when the body
-    is not an object with such a list: the strict parser is to say what is wrong with it."""
+    before it is validated, and the model it names: a lower bound on the pairs its request will
+    hold room for, which admission can judge first (crossrank.http.gate). None when the body is
+    not an object with such a list: the strict parser is to say what is wrong with it."""
     try:
         listed = _listed.decode(body)
     except (msgspec.DecodeError, RecursionError):  # ValidationError included; too deep
         return None
     items = listed.passages if listed.passages is not None else listed.documents
-    return None if items is None else len(items)
+    return None if items is None else (len(items), listed.model)
 
 
 class RerankRequest(BaseModel):
@@ -151,6 +159,7 @@ class RerankRequest(BaseModel):
             )
         return value
 
+    model: StrictStr | None = MODEL
     query: Text
     passages: list[Document] = Field(
         min_length=1,
@@ -237,7 +246,7 @@ class CohereRerankRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: StrictStr | None = None
+    model: StrictStr | None = MODEL
     query: Text
     documents: list[Document] = Field(min_length=1)
     rank_fields: RankFields = RANK_FIELDS
@@ -317,8 +326,10 @@ class HealthResponse(BaseModel):
     reason: str | None = None
 
 
-class InfoResponse(BaseModel):
-    model: str
+class ModelInfo(BaseModel):
+    name: str = Field(description="The name requests use (the model field).")
+    aliases: list[str] = Field(description="Other names it answers to.")
+    model: str = Field(description="crossrank.json's name.")
     variant: str
     max_length: int
     max_query_tokens: int
@@ -330,6 +341,24 @@ class InfoResponse(BaseModel):
     )
     score_cache_bytes: int = Field(description="The score cache's bound; 0: no cache.")
     long_passages: dict[str, Any] = Field(description="The server's long-passage defaults.")
+
+
+class InfoResponse(ModelInfo):
+    """The default model's description, and every model's."""
+
+    models: list[ModelInfo]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
 
 
 class ReadyResponse(BaseModel):

@@ -3,6 +3,8 @@ so that dashboards and alerts see zeros, not gaps, before the first request."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 # Seconds: a 10-pair CPU request takes tens of ms, a 1,000-pair fp32 one tens of seconds.
@@ -56,6 +58,8 @@ REJECT_REASONS = (
     "body_timeout",
 )
 AUTH_FAILURE_REASONS = ("missing", "malformed", "wrong_key")
+# The label of every series about one model's work: its name as served.
+MODEL = ("model",)
 
 
 class Metrics:
@@ -65,7 +69,7 @@ class Metrics:
         self.request_duration = Histogram(
             "crossrank_request_duration_seconds",
             "End-to-end time of a rerank request, by endpoint and HTTP status.",
-            ["endpoint", "status"],
+            ["endpoint", "status", "model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -73,68 +77,90 @@ class Metrics:
             "crossrank_queue_wait_seconds",
             "Time from a request's admission to the dispatch of each batch holding its pairs.",
             buckets=LATENCY_BUCKETS,
+            labelnames=MODEL,
             registry=r,
         )
         self.tokenization = Histogram(
             "crossrank_tokenization_seconds",
             "Time to tokenise one request's pairs.",
             buckets=FAST_BUCKETS,
+            labelnames=MODEL,
             registry=r,
         )
         self.batch_inference = Histogram(
             "crossrank_batch_inference_seconds",
             "Time the engine took for one batch.",
             buckets=LATENCY_BUCKETS,
+            labelnames=MODEL,
             registry=r,
         )
         self.batch_pairs = Histogram(
-            "crossrank_batch_pairs", "Pairs per batch.", buckets=PAIR_BUCKETS, registry=r
+            "crossrank_batch_pairs",
+            "Pairs per batch.",
+            buckets=PAIR_BUCKETS,
+            labelnames=MODEL,
+            registry=r,
         )
         self.batch_padded_tokens = Histogram(
             "crossrank_batch_padded_tokens",
             "Tokens per batch counting padding (padded length x pairs).",
             buckets=TOKEN_BUCKETS,
+            labelnames=MODEL,
             registry=r,
         )
         self.padding_efficiency = Histogram(
             "crossrank_batch_padding_efficiency",
             "Real tokens / padded tokens of each batch.",
             buckets=RATIO_BUCKETS,
+            labelnames=MODEL,
             registry=r,
         )
         self.queue_depth = Gauge(
-            "crossrank_queue_depth_pairs", "Pairs admitted and not yet dispatched.", registry=r
+            "crossrank_queue_depth_pairs",
+            "Pairs admitted and not yet dispatched.",
+            labelnames=MODEL,
+            registry=r,
         )
         self.queue_capacity = Gauge(
             "crossrank_queue_capacity_pairs",
             "The admission bound on queued pairs (max_queued_pairs): dashboards and alerts "
             "compare crossrank_queue_depth_pairs with it.",
+            labelnames=MODEL,
             registry=r,
         )
         self.reserved_pairs = Gauge(
             "crossrank_reserved_pairs",
             "Queue room held (bounded by max_queued_pairs): pairs of admitted requests being "
             "tokenised, queued or scored.",
+            labelnames=MODEL,
             registry=r,
         )
         self.inflight_requests = Gauge(
-            "crossrank_inflight_requests", "Requests admitted and not yet answered.", registry=r
+            "crossrank_inflight_requests",
+            "Requests admitted and not yet answered.",
+            labelnames=MODEL,
+            registry=r,
         )
-        self.pairs = Counter("crossrank_pairs", "Pairs scored by the engine.", registry=r)
+        self.pairs = Counter(
+            "crossrank_pairs", "Pairs scored by the engine.", labelnames=MODEL, registry=r
+        )
         self.tokens = Counter(
-            "crossrank_tokens", "Real (unpadded) tokens scored by the engine.", registry=r
+            "crossrank_tokens",
+            "Real (unpadded) tokens scored by the engine.",
+            labelnames=MODEL,
+            registry=r,
         )
         self.dropped_pairs = Counter(
             "crossrank_dropped_pairs",
             "Admitted pairs dropped before inference, by reason "
             "(failed: a batch of their request, or the queue itself, failed).",
-            ["reason"],
+            ["reason", "model"],
             registry=r,
         )
         self.rejected_requests = Counter(
             "crossrank_rejected_requests",
-            "Requests refused, by reason.",
-            ["reason"],
+            "Requests refused, by reason (model: empty when refused before its body named one).",
+            ["reason", "model"],
             registry=r,
         )
         self.auth_failures = Counter(
@@ -146,40 +172,99 @@ class Metrics:
         self.score_cache_hits = Counter(
             "crossrank_score_cache_hits",
             "Pairs answered by the score cache (never queued).",
+            labelnames=MODEL,
             registry=r,
         )
         self.score_cache_misses = Counter(
             "crossrank_score_cache_misses",
             "Pairs the score cache did not hold (queued and scored).",
+            labelnames=MODEL,
             registry=r,
         )
         self.score_cache_bytes = Gauge(
-            "crossrank_score_cache_bytes", "Memory held by the score cache's entries.", registry=r
+            "crossrank_score_cache_bytes",
+            "Memory held by the score cache's entries.",
+            labelnames=MODEL,
+            registry=r,
         )
         self.score_cache_capacity = Gauge(
             "crossrank_score_cache_capacity_bytes",
             "The score cache's bound (score_cache_bytes; 0: no cache).",
+            labelnames=MODEL,
             registry=r,
         )
         self.engine_failures = Counter(
-            "crossrank_engine_failures", "Batches whose inference raised.", registry=r
+            "crossrank_engine_failures",
+            "Batches whose inference raised.",
+            labelnames=MODEL,
+            registry=r,
         )
         self.engine_stalls = Counter(
             "crossrank_engine_stalls",
             "Batches the watchdog found overdue (the engine hung; see watchdog_* settings).",
+            labelnames=MODEL,
             registry=r,
         )
         self.engine_healthy = Gauge(
-            "crossrank_engine_healthy", "1 when the engine is loaded, warm and working.", registry=r
+            "crossrank_engine_healthy",
+            "1 when the engine is loaded, warm and working.",
+            labelnames=MODEL,
+            registry=r,
         )
-        self.model = Info("crossrank_model", "The model being served.", registry=r)
+        self.model = Info("crossrank_model", "The models being served.", MODEL, registry=r)
+        self._models: list[str] = []
+
+    def for_model(self, name: str) -> ModelMetrics:
+        """The series of one model, every labelled one created now: dashboards and alerts see
+        zeros, not gaps, before its first request."""
+        self._models.append(name)
         for endpoint in ENDPOINTS:
             for status in STATUSES:
-                self.request_duration.labels(endpoint, status)
-        for reason in DROP_REASONS:
-            self.dropped_pairs.labels(reason)
+                self.request_duration.labels(endpoint, status, name)
         for reason in REJECT_REASONS:
-            self.rejected_requests.labels(reason)
+            self.rejected_requests.labels(reason, name)
+        return ModelMetrics(self, name)
+
+    def unattributed(self) -> None:
+        """The series of requests answered before a model was named (401, 413, bad JSON)."""
+        for endpoint in ENDPOINTS:
+            for status in STATUSES:
+                self.request_duration.labels(endpoint, status, "")
+        for reason in REJECT_REASONS:
+            self.rejected_requests.labels(reason, "")
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason)
+
+
+class ModelMetrics:
+    """One model's series, bound to its ``model`` label: what its admission, queue, worker,
+    pipeline and score cache write to."""
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        def bound(metric: Any) -> Any:  # any of prometheus_client's metric types
+            return metric.labels(model=name)
+
+        m = metrics
+        self.name = name
+        self.queue_wait = bound(m.queue_wait)
+        self.tokenization = bound(m.tokenization)
+        self.batch_inference = bound(m.batch_inference)
+        self.batch_pairs = bound(m.batch_pairs)
+        self.batch_padded_tokens = bound(m.batch_padded_tokens)
+        self.padding_efficiency = bound(m.padding_efficiency)
+        self.queue_depth = bound(m.queue_depth)
+        self.queue_capacity = bound(m.queue_capacity)
+        self.reserved_pairs = bound(m.reserved_pairs)
+        self.inflight_requests = bound(m.inflight_requests)
+        self.pairs = bound(m.pairs)
+        self.tokens = bound(m.tokens)
+        self.score_cache_hits = bound(m.score_cache_hits)
+        self.score_cache_misses = bound(m.score_cache_misses)
+        self.score_cache_bytes = bound(m.score_cache_bytes)
+        self.score_cache_capacity = bound(m.score_cache_capacity)
+        self.engine_failures = bound(m.engine_failures)
+        self.engine_stalls = bound(m.engine_stalls)
+        self.engine_healthy = bound(m.engine_healthy)
+        self.model = bound(m.model)
+        self.dropped = {reason: m.dropped_pairs.labels(reason, name) for reason in DROP_REASONS}
         self.model.info({"name": "", "variant": "", "provider": ""})

@@ -1,18 +1,84 @@
-"""Service settings: CLI flags, else ``CROSSRANK_*`` environment variables, else these defaults."""
+"""Service settings: CLI flags, else ``CROSSRANK_*`` environment variables, else these defaults;
+and the models served, each with its own values of the engine and batching settings."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Settings a model may set for itself (in models_file); the rest are the server's.
+PER_MODEL = (
+    "variant",
+    "device",
+    "threads",
+    "cuda_device_id",
+    "cuda_mem_limit_mb",
+    "max_batch_tokens",
+    "max_batch_pairs",
+    "max_wait_ms",
+    "max_queued_pairs",
+    "score_cache_bytes",
+)
+
+
+class ModelSpec(BaseModel):
+    """One model to serve: its directory, the names a request may call it by, and its own
+    values of the engine and batching settings (None: the server's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Path
+    name: str | None = Field(default=None, min_length=1, description="None: crossrank.json's")
+    aliases: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    default: bool = Field(default=False, description="Serves requests that name no model.")
+    variant: str | None = None
+    device: Literal["auto", "cpu", "cuda"] | None = None
+    threads: int | None = Field(default=None, ge=0)
+    cuda_device_id: int | None = Field(default=None, ge=0)
+    cuda_mem_limit_mb: int | None = Field(default=None, ge=0)
+    max_batch_tokens: int | None = Field(default=None, ge=0)
+    max_batch_pairs: int | None = Field(default=None, ge=1)
+    max_wait_ms: float | None = Field(default=None, ge=0)
+    max_queued_pairs: int | None = Field(default=None, ge=1)
+    score_cache_bytes: int | None = Field(default=None, ge=0)
+
+    @classmethod
+    def parse(cls, entry: str) -> ModelSpec:
+        """``PATH`` or ``NAME=PATH``."""
+        name, _, path = entry.rpartition("=")
+        return cls(path=Path(path), name=name or None)
+
+    def overrides(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in PER_MODEL if getattr(self, k) is not None}
+
+
+class ModelsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelSpec] = Field(min_length=1)
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CROSSRANK_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="CROSSRANK_", extra="ignore", populate_by_name=True
+    )
 
-    model: Path = Field(description="Model directory (see crossrank.model.model_dir).")
+    model: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("CROSSRANK_MODEL", "CROSSRANK_MODELS"),
+        description="A model directory to serve, as PATH or NAME=PATH (a bare PATH is named by "
+        "its crossrank.json); repeat the flag, or separate them with commas in CROSSRANK_MODEL "
+        "or CROSSRANK_MODELS.",
+    )
+    models_file: Path | None = Field(
+        default=None,
+        description="A YAML file of models (path, name, aliases, default, and their own "
+        "variant, device, threads, batch and queue bounds), served beside any --model.",
+    )
     host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=0, le=65535)
 
@@ -148,6 +214,31 @@ class Settings(BaseSettings):
     metrics_require_key: bool = Field(
         default=False, description="Ask for a key on /metrics too (it is open by default)."
     )
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _entries(cls, value: Any) -> Any:
+        if isinstance(value, str | Path):
+            value = [value]
+        if isinstance(value, list):
+            return [e.strip() for v in value for e in str(v).split(",") if e.strip()]
+        return value
+
+    def model_specs(self) -> list[ModelSpec]:
+        """The models to serve, in order: --model's, then models_file's. Raises ValueError
+        naming what is wrong with the file."""
+        specs = [ModelSpec.parse(entry) for entry in self.model]
+        if self.models_file is not None:
+            try:
+                raw = yaml.safe_load(self.models_file.read_text())
+                specs += ModelsFile.model_validate(raw).models
+            except (OSError, yaml.YAMLError, ValueError) as exc:
+                raise ValueError(f"models_file {self.models_file}: {exc}") from None
+        return specs
+
+    def for_model(self, spec: ModelSpec) -> Settings:
+        """These settings with the model's own values in place of the server's."""
+        return self.model_copy(update=spec.overrides())
 
     def load_api_keys(self) -> frozenset[str]:
         """The keys of ``api_keys`` and ``api_keys_file``; empty = no authentication. Read once at

@@ -128,7 +128,10 @@ def results_figure(pattern: str) -> float:
 
 def exported_series() -> dict[str, str]:
     """Every series name crossrank's /metrics exposes, with its family's type."""
-    families: list[Metric] = list(Metrics().registry.collect())
+    metrics = Metrics()
+    metrics.unattributed()
+    metrics.for_model("a-model")
+    families: list[Metric] = list(metrics.registry.collect())
     return {sample.name: family.type for family in families for sample in family.samples}
 
 
@@ -179,7 +182,7 @@ def test_env_is_crossranks_settings_and_service_links_are_off(
         assert var.removeprefix("CROSSRANK_").lower() in Settings.model_fields, var
     settings = settings_of(objects, monkeypatch)
     assert settings.device == {"cpu": "cpu", "gpu": "cuda"}[name]
-    assert str(settings.model).startswith("/opt/crossrank/models/")
+    assert [str(m) for m in settings.model] == ["/opt/crossrank/models/crossrank-minilm-l6"]
     assert settings.threads == math.ceil(float(container(objects)["resources"]["limits"]["cpu"]))
 
     # What a Service named crossrank would inject if service links were on.
