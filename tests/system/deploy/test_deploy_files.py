@@ -222,6 +222,9 @@ def test_dashboard_follows_grafana_conventions() -> None:
             windows = re.findall(r"\[([^\]]+)\]", expr)
             assert all(w == "$__rate_interval" for w in windows), (panel["title"], expr)
             assert 'instance=~"$instance"' in expr, (panel["title"], expr)
+            # Every crossrank series is about one model: the model variable filters it.
+            for selector in re.findall(r"crossrank_\w+\{[^}]*\}", expr):
+                assert 'model=~"$model"' in selector, (panel["title"], selector)
 
 
 @pytest.mark.parametrize("script", sorted((ROOT / "deploy").glob("*.sh")), ids=lambda p: p.name)

@@ -28,8 +28,9 @@ API_KEY = "observability-test-key"
 
 # Grafana computes $__rate_interval from the scrape interval (5 s: at least 20 s); Prometheus's
 # API has no such variable, so the test substitutes a window that spans the whole test, and so
-# the scrape taken before the traffic. $job / $instance become "all", as the dashboard's default.
-SUBSTITUTIONS = {"$__rate_interval": "2m", "$job": ".*", "$instance": ".*"}
+# the scrape taken before the traffic. $job / $instance / $model become "all", as the dashboard's
+# default.
+SUBSTITUTIONS = {"$__rate_interval": "2m", "$job": ".*", "$instance": ".*", "$model": ".*"}
 
 # Panels whose every query must return at least one finite value after the traffic below.
 PANELS_WITH_DATA = {
@@ -273,7 +274,11 @@ def test_dashboard_variables_find_the_target(scraped: tuple[Prometheus, RunningS
         metric, label = match.groups()
         result = prometheus.query(f"group by ({label}) ({grafana_to_promql(metric)})")
         found[label] = {s["metric"][label] for s in result}
-    assert found == {"job": {"crossrank"}, "instance": {srv.url.removeprefix("http://")}}
+    assert found == {
+        "job": {"crossrank"},
+        "instance": {srv.url.removeprefix("http://")},
+        "model": {"tiny-test-bert"},
+    }
 
 
 def test_every_alert_rule_evaluates_and_is_healthy(
