@@ -4,6 +4,7 @@ Cohere route's instruction extension."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,14 @@ import numpy as np
 import pytest
 from support import RunningServer, run_server
 
-from crossrank.model.model_dir import Calibration, ModelDir, load_model_dir, write_calibration
+from crossrank.model.model_dir import (
+    METADATA_FILE,
+    Calibration,
+    ModelDir,
+    ModelDirError,
+    load_model_dir,
+    write_calibration,
+)
 
 QUERY = "what is the capital of france"
 PASSAGES = [
@@ -46,8 +54,8 @@ def calibrated_server(calibrated: ModelDir) -> Iterator[RunningServer]:
 def test_write_calibration_changes_only_its_key(model_dir: ModelDir, calibrated: ModelDir) -> None:
     before = model_dir.metadata.model_dump()
     after = load_model_dir(calibrated.path).metadata.model_dump()
-    assert after.pop("calibration") == CALIBRATION.model_dump()
-    assert before.pop("calibration") is None
+    assert after.pop("calibrations") == {"fp32": CALIBRATION.model_dump()}
+    assert before.pop("calibrations") == {}
     assert after == before
     for onnx in model_dir.path.glob("*.onnx"):
         assert (calibrated.path / onnx.name).read_bytes() == onnx.read_bytes()
@@ -153,4 +161,40 @@ def test_cohere_route_takes_an_instruction(server: RunningServer) -> None:
 
 
 def test_calibrated_model_dir_round_trips(calibrated: ModelDir, tmp_path: Path) -> None:
-    assert load_model_dir(calibrated.path).metadata.calibration == CALIBRATION
+    assert load_model_dir(calibrated.path).metadata.calibration_for("fp32") == CALIBRATION
+
+
+def test_a_fit_per_variant_and_the_single_fit_of_older_directories(
+    model_dir: ModelDir, tmp_path: Path
+) -> None:
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir.path, copy)
+    meta_file = copy / METADATA_FILE
+    raw = json.loads(meta_file.read_text())
+    older = CALIBRATION.model_copy(update={"variant": "int8"})
+    raw["calibration"] = older.model_dump(mode="json")
+    meta_file.write_text(json.dumps(raw))
+    # An older directory's one fit serves whatever variant runs (its variant says which).
+    assert load_model_dir(copy).metadata.calibration_for("fp32") == older
+    meta = write_calibration(copy, CALIBRATION).metadata
+    assert meta.calibration is None
+    assert meta.calibrations == {"int8": older, "fp32": CALIBRATION}
+    assert meta.calibration_for("fp32") == CALIBRATION
+    assert meta.calibration_for("int8") == older
+    raw = json.loads(meta_file.read_text())
+    raw["calibrations"]["fp16"] = raw["calibrations"]["fp32"]
+    meta_file.write_text(json.dumps(raw))
+    with pytest.raises(ModelDirError, match="fitted on 'fp32'"):
+        load_model_dir(copy)
+
+
+def test_info_says_when_the_fit_is_another_variants(model_dir: ModelDir, tmp_path: Path) -> None:
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir.path, copy)
+    write_calibration(copy, CALIBRATION.model_copy(update={"variant": "int8"}))
+    with run_server(load_model_dir(copy)) as srv:
+        srv.wait_ready()
+        with srv.client() as c:
+            info = c.get("/info").json()
+    assert info["variant"] == "fp32" and info["calibration"]["variant"] == "int8"
+    assert "not on the fp32 served" in info["score"]

@@ -124,18 +124,22 @@ def test_mine_train_export_eval(graded_checkpoint: Path, tmp_path: Path) -> None
     assert set(meta.training["export"]["metrics"]) == {"fp32", "int8", "fp16"}
     assert meta.training["data"] == str(groups)
     assert meta.training["training_groups"] == (QUERIES - 2) * 3
-    # The export fitted the calibration on its judged sample, on the variant a CPU serves.
-    assert meta.calibration is not None and meta.calibration.variant == "int8"
-    assert meta.calibration.pairs == QUERIES * GRADED_LEVELS
+    # The export fitted a calibration per variant on its judged sample, each on its own logits.
+    assert sorted(meta.calibrations) == ["fp16", "fp32", "int8"] and meta.calibration is None
+    assert {fit.variant for fit in meta.calibrations.values()} == {"fp16", "fp32", "int8"}
+    assert meta.calibrations["int8"].pairs == QUERIES * GRADED_LEVELS
+    assert meta.calibrations["int8"].slope != meta.calibrations["fp32"].slope
 
     onnx = {f.name: f.read_bytes() for f in model_dir.glob("*.onnx")}
     diagram = tmp_path / "reliability.png"
     heldout = [f"--heldout-{flag[2:]}" if flag.startswith("--") else flag for flag in data]
     calibrate = ["calibrate", str(model_dir), *evals, "--eval-run", str(files["run"])]
     assert main([*calibrate, *heldout, "--bins", "5", "--diagram", str(diagram)]) == 0
-    refit = load_model_dir(model_dir).metadata.calibration
-    assert refit is not None and refit.slope > 0
-    assert "queries.jsonl" in refit.fitted_on and "run top 100" in refit.fitted_on
+    refit = load_model_dir(model_dir).metadata.calibrations["int8"]
+    assert refit.slope > 0
+    # The data set's files under the folder they share, not this machine's paths.
+    assert refit.fitted_on.startswith(f"{files['run'].parent.name}: queries.jsonl + ")
+    assert "run top 100" in refit.fitted_on and str(tmp_path) not in refit.fitted_on
     assert 0 <= refit.report["heldout"]["ece_5_bins"] <= 1
     assert diagram.read_bytes()[:4] == b"\x89PNG"
     assert {f.name: f.read_bytes() for f in model_dir.glob("*.onnx")} == onnx

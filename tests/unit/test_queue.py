@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -411,5 +412,44 @@ def test_a_hung_batch_stalls_the_engine_and_fails_the_queue_at_once() -> None:
             assert not parts.worker.stalled
             assert parts.worker.stuck_for(parts.worker._clock()) == 0
             assert len(await parts.score([pair(5)])) == 1
+
+    asyncio.run(main())
+
+
+def test_workers_taking_turns_never_run_two_batches_at_once() -> None:
+    async def main() -> None:
+        running, most = 0, 0
+        guard = threading.Lock()
+
+        class Counting(ScriptedEngine):
+            def run(self, batch: PaddedBatch) -> np.ndarray:
+                nonlocal running, most
+                with guard:
+                    running += 1
+                    most = max(most, running)
+                try:
+                    time.sleep(0.005)  # long enough for the other worker to try its batch
+                    return super().run(batch)
+                finally:
+                    with guard:
+                        running -= 1
+
+        for turns, expected_most in ((asyncio.Lock(), 1), (None, 2)):
+            running, most = 0, 0
+            workers = [
+                Worker(
+                    Counting(),
+                    Metrics().for_model(name),
+                    probe=pad_pairs([pair(4)]),
+                    watchdog=WatchdogLimits(multiple=20.0, floor_s=60.0),
+                    turns=turns,
+                )
+                for name in ("a", "b")
+            ]
+            batches = [pad_pairs([pair(8)]) for _ in range(20)]
+            await asyncio.gather(*(w.run(b) for b in batches for w in workers))
+            assert most == expected_most
+            for worker in workers:
+                worker.close()
 
     asyncio.run(main())

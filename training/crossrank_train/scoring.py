@@ -19,8 +19,10 @@ from transformers import AutoModel, PreTrainedModel
 from crossrank.core.scheduling import AUTO_BATCH_TOKENS, BatchLimits, RequestView, plan_batch
 from crossrank.model.collate import PaddedBatch, pad_pairs
 from crossrank.model.engine import CPU, OnnxEngine, plan_session
+from crossrank.model.fp32_rebuild import FP32_FROM_FP16
 from crossrank.model.model_dir import METADATA_FILE, load_model_dir
 from crossrank.model.tokenization import EncodedPair, PairEncoder, PairTokenizer, load_pair_encoder
+from crossrank.model.variant_choice import model_source
 from crossrank.ops.settings import Settings
 from crossrank_train.encoding import batch_feeds, to_tensors
 from crossrank_train.models import (
@@ -115,20 +117,22 @@ class OnnxScorer:
     """
 
     def __init__(
-        self, model_file: Path, tokenizer: PairEncoder, limits: BatchLimits, name: str = ""
+        self, model: Path | bytes, tokenizer: PairEncoder, limits: BatchLimits, name: str = ""
     ) -> None:
-        self.engine = OnnxEngine(model_file, plan_session("cpu", [CPU]))
+        # bytes: a graph built in memory (the service's fp32 rebuilt from fp16)
+        self.engine = OnnxEngine(model, plan_session("cpu", [CPU]))
         self.tokenizer = tokenizer
         self.limits = limits
-        self.name = name or model_file.name
+        self.name = name or (model.name if isinstance(model, Path) else "in-memory graph")
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, variant: str, limits: BatchLimits) -> OnnxScorer:
         model = load_model_dir(model_dir)
         meta = model.metadata
-        variant = model.choose_variant(variant, "cpu")
-        tokenizer = load_pair_encoder(model)
-        return cls(model.variant_path(variant), tokenizer, limits, f"{meta.name} ({variant})")
+        if variant != FP32_FROM_FP16:
+            variant = model.choose_variant(variant, "cpu")
+        source = model_source(model, variant)
+        return cls(source, load_pair_encoder(model), limits, f"{meta.name} ({variant})")
 
     def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
         pairs = self.tokenizer.encode(query, list(passages)).pairs

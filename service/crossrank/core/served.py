@@ -81,7 +81,11 @@ class CatalogEntry:
 
 class ServedModel:
     def __init__(
-        self, entry: CatalogEntry, metrics: ModelMetrics, engine_factory: EngineFactory
+        self,
+        entry: CatalogEntry,
+        metrics: ModelMetrics,
+        engine_factory: EngineFactory,
+        turns: asyncio.Lock | None = None,
     ) -> None:
         self.name = entry.name
         self.aliases = entry.aliases
@@ -89,6 +93,7 @@ class ServedModel:
         self.model = entry.model
         self.metrics = metrics
         self._engine_factory = engine_factory
+        self._turns = turns  # shared by the models' workers when they take turns on the cores
         self.variant = ""
         self._worker: Worker | None = None
         # From the start, so that a drain asked for during start-up holds once it is done.
@@ -97,12 +102,13 @@ class ServedModel:
         self._queue: PairQueue | None = None
         self.ready = False
         self._warmup: asyncio.Task[None] | None = None
+        self._warmup_batches: list[PaddedBatch] = []
 
     def _stalled(self) -> bool:
         return self._worker is not None and self._worker.stalled
 
     async def start(self) -> None:
-        """Build the parts (errors here stop the server), then warm up in the background."""
+        """Build the parts (errors here stop the server); :meth:`warm` warms them up."""
         s = self.settings
         model = self.model
         plan = plan_session(
@@ -129,6 +135,7 @@ class ServedModel:
             self.metrics,
             probe=pad_pairs(probe),
             watchdog=WatchdogLimits(multiple=s.watchdog_multiple, floor_s=s.watchdog_floor_s),
+            turns=self._turns,
         )
         self._queue = PairQueue(
             self._worker,
@@ -146,6 +153,11 @@ class ServedModel:
         self.pipeline = self._pipeline(model, encoder, windows, self._queue, choice.variant)
         self.variant = choice.variant
         self._announce(model, choice, engine.provider)
+        self._warmup_batches = batches
+
+    def warm(self) -> None:
+        """Warm up in the background: every kernel shape once, before the model is ready."""
+        batches = self._warmup_batches
         self._warmup = asyncio.get_running_loop().create_task(self._warm_up(batches))
 
     def _windows(
@@ -200,7 +212,7 @@ class ServedModel:
             encoder,
             windows,
             queue,
-            ScoreScale(meta.activation, meta.calibration),
+            ScoreScale(meta.activation, meta.calibration_for(variant)),
             self.metrics,
             max_passages=s.max_passages,
             default_timeout_ms=s.default_timeout_ms,
@@ -312,12 +324,17 @@ class ServedModel:
 def describe(model: ModelDir, variant: str, settings: Settings) -> dict[str, Any]:
     """The model being served and what its scores mean (GET /info)."""
     meta = model.metadata
-    calibration = meta.calibration
+    calibration = meta.calibration_for(variant)
     if calibration is not None:
         score = (
             f"calibrated probability of relevance ({calibration.method} scaling of the "
             f"logit, fitted on {calibration.fitted_on}); raw_scores gives the logit"
         )
+        if calibration.variant != variant:
+            score += (
+                f"; fitted on {calibration.variant}'s logits, not on the {variant} served: "
+                "run crossrank calibrate for it"
+            )
     elif meta.activation is Activation.SIGMOID:
         score = "sigmoid of the logit (not calibrated); raw_scores gives the logit"
     else:

@@ -79,8 +79,11 @@ class Service:
         self.metrics = metrics
         entries = catalog(settings)
         metrics.unattributed()
+        # All engines at once, or one at a time (docs/models-served.md measures both).
+        turns = asyncio.Lock() if settings.engine_sharing == "turns" else None
         self.models = [
-            ServedModel(entry, metrics.for_model(entry.name), engine_factory) for entry in entries
+            ServedModel(entry, metrics.for_model(entry.name), engine_factory, turns)
+            for entry in entries
         ]
         self._by_name = {
             name: model
@@ -120,10 +123,13 @@ class Service:
         return None
 
     async def start(self) -> None:
-        """Build every model's parts (errors here stop the server); they warm up beside each
-        other in the background."""
+        """Build every model's parts (errors here stop the server), then warm them up in the
+        background: after all are built, so that no warm-up skews another model's start-up
+        timing of its variants."""
         for model in self.models:
             await model.start()
+        for model in self.models:
+            model.warm()
 
     def begin_drain(self) -> None:
         """SIGTERM: refuse new requests from now on; admitted ones are still answered, within

@@ -8,11 +8,15 @@ is, and notices when it is not well.
   until the batch comes back.
 * **Health**: a batch that raises fails only its own requests; a one-pair probe then tells
   whether the engine itself is broken (``healthy``, which ``/ready`` reports).
+* **Turns**: with several models in one process, their workers may share a lock (the
+  ``engine_sharing: turns`` setting) so that one engine at a time has the cores; a batch's
+  watchdog bound starts once it has its turn.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -39,6 +43,7 @@ class Worker:
         probe: PaddedBatch,
         watchdog: WatchdogLimits,
         on_stall: Callable[[], None] = lambda: None,
+        turns: asyncio.Lock | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._engine = engine
@@ -48,6 +53,7 @@ class Worker:
         self._watchdog = watchdog
         # Told when the engine stalls: the queue fails what it holds (set once both exist).
         self.on_stall = on_stall
+        self._turns = turns  # shared with the other models' workers; None: run at once
         self._clock = clock
         self._seconds_per_token: float | None = None
         self._running_since: float | None = None  # the batch in the engine, if any
@@ -69,6 +75,10 @@ class Worker:
 
     async def run(self, batch: PaddedBatch) -> np.ndarray:
         """The batch's logits; an engine_failure error (after the health probe) if it raises."""
+        async with self._turns or contextlib.nullcontext():
+            return await self._run(batch)
+
+    async def _run(self, batch: PaddedBatch) -> np.ndarray:
         started = self._clock()
         try:
             logits = await self._watched(batch, started)
@@ -92,7 +102,8 @@ class Worker:
     async def warm_up(self, batches: Sequence[PaddedBatch]) -> None:
         """Run each batch once (before the service reports ready); raises if the engine does."""
         for batch in batches:
-            await self._timed(batch)
+            async with self._turns or contextlib.nullcontext():
+                await self._timed(batch)
         self._set_healthy(True)
 
     def fail_warm_up(self) -> None:

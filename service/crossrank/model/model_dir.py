@@ -121,13 +121,28 @@ class ModelMetadata(BaseModel):
     variants: dict[str, str] = Field(min_length=1)
     # Set for an LLM reranker: its pairs are this template's text, not the tokenizer's pairs.
     prompt: PromptTemplate | None = None
-    # Set when the logits were calibrated: the `score` clients see is then this probability.
+    # Calibrations by the variant whose logits each was fitted on: the `score` clients see is
+    # the served variant's probability. `calibration` is a directory's single fit from before
+    # there was one per variant (read, never written).
+    calibrations: dict[str, Calibration] = Field(default_factory=dict)
     calibration: Calibration | None = None
     # Provenance (base model, data, metrics, git commit): free-form, for whoever reads the file.
     training: dict[str, Any] = Field(default_factory=dict)
 
+    def calibration_for(self, variant: str) -> Calibration | None:
+        """The fit for ``variant``'s logits; else another variant's (its ``variant`` says
+        which), else None."""
+        if variant in self.calibrations:
+            return self.calibrations[variant]
+        if self.calibration is not None:
+            return self.calibration
+        return next(iter(self.calibrations.values()), None)
+
     @model_validator(mode="after")
     def _check(self) -> ModelMetadata:
+        for variant, fit in self.calibrations.items():
+            if fit.variant != variant:
+                raise ValueError(f"calibrations[{variant!r}] was fitted on {fit.variant!r}")
         if self.format_version != FORMAT_VERSION:
             raise ValueError(
                 f"format_version {self.format_version} is not supported (expected {FORMAT_VERSION})"
@@ -198,11 +213,16 @@ def load_model_dir(path: str | Path) -> ModelDir:
 
 
 def write_calibration(path: str | Path, calibration: Calibration) -> ModelDir:
-    """Set ``calibration`` in a model directory's ``crossrank.json``, leaving every other key
-    as written (the ONNX files and the rest of the metadata are untouched)."""
+    """Set ``calibration`` as its variant's in a model directory's ``crossrank.json``, leaving
+    every other key as written (the ONNX files and the rest of the metadata are untouched); a
+    single fit from before is kept as its own variant's."""
     meta_file = Path(path) / METADATA_FILE
     raw = json.loads(meta_file.read_text())
-    raw["calibration"] = calibration.model_dump(mode="json")
+    fits = raw.setdefault("calibrations", {})
+    legacy = raw.pop("calibration", None)
+    if legacy is not None:
+        fits.setdefault(legacy["variant"], legacy)
+    fits[calibration.variant] = calibration.model_dump(mode="json")
     ModelMetadata.model_validate(raw)
     meta_file.write_text(json.dumps(raw, indent=2) + "\n")
     return load_model_dir(path)

@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     variant: str = Field(default="auto", description="ONNX variant: auto, fp32, int8, fp16, ...")
     threads: int = Field(default=0, ge=0, description="Intra-op threads on CPU; 0 = all cores.")
+    engine_sharing: Literal["concurrent", "turns"] = Field(
+        default="concurrent",
+        description="With several models: their engines run at once, each with every core "
+        "(concurrent, measured faster on CPU: docs/models-served.md), or take turns, one batch "
+        "at a time (turns: a hung engine then holds the others back too).",
+    )
     engine_nice: int = Field(
         default=10,
         ge=0,

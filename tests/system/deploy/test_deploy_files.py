@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[3]
 DOCKERFILES = [ROOT / "Dockerfile", ROOT / "Dockerfile.gpu"]
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
+COMPOSE_MODELS = ROOT / "docker-compose.models.yml"
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "crossrank.json"
 LOCK = ROOT / "deploy" / "requirements-serve.txt"
@@ -169,6 +170,19 @@ def test_compose_gpu_override_reserves_a_gpu_for_the_gpu_image() -> None:
     assert crossrank["environment"]["CROSSRANK_DEVICE"] == "cuda"
     (device,) = crossrank["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+
+
+def test_compose_models_override_serves_two_models_under_their_names() -> None:
+    crossrank = compose_config(COMPOSE, COMPOSE_MODELS)["services"]["crossrank"]
+    # docker-compose 1.x prints volumes as "source:target:mode".
+    mounts = {v.split(":")[1]: Path(v.split(":")[0]) for v in crossrank["volumes"]}
+    assert mounts["/models/second"] == ROOT / "models" / "crossrank-minilm-l6"
+    settings = Settings(model=crossrank["environment"]["CROSSRANK_MODEL"])
+    specs = [(s.name, s.path) for s in settings.model_specs()]
+    assert specs == [
+        ("default", Path("/opt/crossrank/models/crossrank-minilm-l6")),
+        ("second", Path("/models/second")),
+    ]
 
 
 def test_promtool_checks_the_config_and_rules_and_their_unit_tests_pass() -> None:
