@@ -23,7 +23,6 @@ set against the 1 x 1,000 request's median time.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import statistics
@@ -36,7 +35,7 @@ import numpy as np
 import orjson
 
 from bench.service_bench import Server, closed_loop
-from bench.workload import Request, Workload
+from bench.workload import Request, Workload, served_workload_parser
 from crossrank.core.scheduling import AUTO_BATCH_TOKENS
 from crossrank.http.schemas import RerankResponse, RerankResult, Usage
 from crossrank.model.collate import pad_pairs
@@ -116,12 +115,7 @@ def render_seconds(repeats: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--model", type=Path, required=True, help="the model directory served")
-    parser.add_argument("--passages", type=Path, required=True, help="passages.jsonl.gz")
-    parser.add_argument("--queries", type=Path, required=True, help="queries.tsv")
+    parser = served_workload_parser(__doc__)
     parser.add_argument("--baseline", type=Path, help="another checkout's service/ folder")
     parser.add_argument(
         "--variant",

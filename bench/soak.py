@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.service_bench import Server
 from bench.systems import crossrank
@@ -104,10 +105,11 @@ async def reserved_pairs_settled(url: str, timeout_s: float) -> float:
     async with httpx.AsyncClient(base_url=url) as http:
         while True:
             text = (await http.get("/metrics")).text
-            value = next(
-                float(line.split()[1])
-                for line in text.splitlines()
-                if line.startswith("crossrank_reserved_pairs ")
+            value = sum(  # over the models served
+                sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "crossrank_reserved_pairs"
             )
             if value == 0 or time.monotonic() > deadline:
                 return value

@@ -16,19 +16,17 @@ for the two-model ones, and each server's RSS after the load.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import statistics
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 from bench.service_bench import Server, Target, closed_loop
 from bench.systems import crossrank
-from bench.workload import Request, Workload
+from bench.workload import Request, Workload, served_workload_parser
 
 
 async def load(targets: Sequence[Target], requests: list[Request], clients: int) -> dict:
@@ -59,12 +57,7 @@ def targets(server: Server, names: Sequence[str]) -> list[Target]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--model", type=Path, required=True, help="the model directory served")
-    parser.add_argument("--passages", type=Path, required=True, help="passages.jsonl.gz")
-    parser.add_argument("--queries", type=Path, required=True, help="queries.tsv")
+    parser = served_workload_parser(__doc__)
     parser.add_argument("--variant", default="int8", help="served by every server")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--clients", type=int, default=2, help="per model")

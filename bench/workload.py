@@ -7,6 +7,7 @@ queries from a TSV ``id<TAB>text`` (e.g. ``trec-dl-2021/queries.tsv``) or one qu
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import random
@@ -53,3 +54,13 @@ class Workload:
         return [
             Request(rng.choice(self.queries), rng.sample(self.passages, n)) for _ in range(count)
         ]
+
+
+def served_workload_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A bench script's parser with what every served-model bench takes: the model directory
+    served and the passages and queries its requests are drawn from."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="the model directory served")
+    parser.add_argument("--passages", type=Path, required=True, help="passages.jsonl.gz")
+    parser.add_argument("--queries", type=Path, required=True, help="queries.tsv")
+    return parser
