@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from crossrank.core.admission import Admission, Permit
 from crossrank.core.errors import ErrorType, ServiceError
+from crossrank.http.errors import ErrorResponder
 from crossrank.ops.metrics import Metrics
 
 BOUND = 50
@@ -143,3 +144,29 @@ def test_random_interleavings_leak_nothing_and_release_nothing_twice(ops: list) 
             await admission.wait_empty()
 
     asyncio.run(main())
+
+
+def test_a_full_queue_says_when_to_retry_from_its_drain_time() -> None:
+    seconds_per_pair = 0.05
+    admission = Admission(BOUND, Metrics().for_model("m"), drain_seconds=lambda p: p * 0.05)
+    held = admission.acquire(40)
+    # 30 more need 20 of the 40 ahead scored first; with none counted yet, all 40.
+    counted = admission.refusal(30)
+    assert counted is not None and counted.retry_after_s == pytest.approx(20 * seconds_per_pair)
+    held.resize(BOUND)
+    full = admission.refusal()
+    assert full is not None and full.retry_after_s == pytest.approx(BOUND * seconds_per_pair)
+    # More queued, a longer wait.
+    assert full.retry_after_s > counted.retry_after_s
+    unmeasured = Admission(BOUND, Metrics().for_model("m"))
+    unmeasured.acquire(BOUND)
+    refused = unmeasured.refusal()
+    assert refused is not None and refused.retry_after_s is None
+
+
+def test_retry_after_is_the_estimate_rounded_up_and_bounded() -> None:
+    respond = ErrorResponder(Metrics(), retry_after_s=1, retry_after_max_s=30)
+    scope = {"type": "http", "path": "/rerank"}
+    for estimate, header in ((None, "1"), (0.2, "1"), (2.3, "3"), (4000.0, "30")):
+        error = ServiceError(ErrorType.QUEUE_FULL, "full", retry_after_s=estimate)
+        assert respond(error, scope).headers["Retry-After"] == header

@@ -208,6 +208,18 @@ def test_a_dispatched_batch_keeps_its_room_until_the_engine_gives_it_back() -> N
     asyncio.run(main())
 
 
+def test_the_worker_knows_how_long_its_pairs_take() -> None:
+    async def main() -> None:
+        async with running(max_batch_pairs=4) as parts:
+            assert parts.worker.drain_seconds(100) is None  # nothing scored yet
+            await parts.score([pair(10) for _ in range(12)])
+            one = parts.worker.drain_seconds(1)
+            assert one is not None and one > 0
+            assert parts.worker.drain_seconds(100) == pytest.approx(100 * one)
+
+    asyncio.run(main())
+
+
 def test_room_is_given_back_pair_by_pair_as_batches_finish() -> None:
     async def main() -> None:
         async with running(max_batch_pairs=4) as parts:

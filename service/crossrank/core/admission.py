@@ -21,11 +21,18 @@ from crossrank.ops.metrics import ModelMetrics
 
 class Admission:
     def __init__(
-        self, max_pairs: int, metrics: ModelMetrics, stalled: Callable[[], bool] = lambda: False
+        self,
+        max_pairs: int,
+        metrics: ModelMetrics,
+        stalled: Callable[[], bool] = lambda: False,
+        drain_seconds: Callable[[int], float | None] = lambda pairs: None,
     ) -> None:
         self.max_pairs = max_pairs
         self._metrics = metrics
         self._stalled = stalled  # the engine hung (crossrank.core.worker): refuse new work
+        # How long the engine takes to score so many pairs (None: not measured yet): a refusal
+        # tells the client when the room it asks for could be free.
+        self._drain_seconds = drain_seconds
         self.reserved = 0  # room held by open permits
         self.draining = False
         self._empty = asyncio.Event()
@@ -47,12 +54,15 @@ class Admission:
             return ServiceError(
                 ErrorType.QUEUE_FULL,
                 f"the queue is full ({self.reserved} pairs, its bound): retry later",
+                retry_after_s=self._drain_seconds(self.reserved),
             )
         if pairs is not None and self.reserved + pairs > self.max_pairs:
             return ServiceError(
                 ErrorType.QUEUE_FULL,
                 f"the queue holds {self.reserved} pairs; {pairs} more would exceed its "
                 f"bound of {self.max_pairs}: retry later",
+                # Room for the request frees up as the pairs ahead of it are scored.
+                retry_after_s=self._drain_seconds(self.reserved + pairs - self.max_pairs),
             )
         return None
 

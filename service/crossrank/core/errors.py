@@ -29,11 +29,19 @@ class ServiceError(Exception):
     """A failure to tell the client: its type, a message for people, and the request field at
     fault when there is one."""
 
-    def __init__(self, type_: ErrorType, message: str, *, field: str | None = None) -> None:
+    def __init__(
+        self,
+        type_: ErrorType,
+        message: str,
+        *,
+        field: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.type = type_
         self.message = message
         self.field = field
+        self.retry_after_s = retry_after_s  # when a retry could succeed, where known
 
 
 class InvalidInput(ServiceError):

@@ -97,7 +97,9 @@ class ServedModel:
         self.variant = ""
         self._worker: Worker | None = None
         # From the start, so that a drain asked for during start-up holds once it is done.
-        self.admission = Admission(self.settings.max_queued_pairs, metrics, self._stalled)
+        self.admission = Admission(
+            self.settings.max_queued_pairs, metrics, self._stalled, self._drain_seconds
+        )
         self.pipeline: Pipeline | None = None
         self._queue: PairQueue | None = None
         self.ready = False
@@ -106,6 +108,9 @@ class ServedModel:
 
     def _stalled(self) -> bool:
         return self._worker is not None and self._worker.stalled
+
+    def _drain_seconds(self, pairs: int) -> float | None:
+        return None if self._worker is None else self._worker.drain_seconds(pairs)
 
     async def start(self) -> None:
         """Build the parts (errors here stop the server); :meth:`warm` warms them up."""

@@ -56,6 +56,7 @@ class Worker:
         self._turns = turns  # shared with the other models' workers; None: run at once
         self._clock = clock
         self._seconds_per_token: float | None = None
+        self._seconds_per_pair: float | None = None
         self._running_since: float | None = None  # the batch in the engine, if any
         self.stalled_since: float | None = None
         self.healthy = True
@@ -133,10 +134,15 @@ class Worker:
         logits = await loop.run_in_executor(self._executor, self._engine.run, batch)
         if logits.shape != (batch.pairs,):
             raise RuntimeError(f"engine returned shape {logits.shape} for {batch.pairs} pairs")
-        self._seconds_per_token = updated_speed(
-            self._seconds_per_token, self._clock() - started, batch.padded_tokens
-        )
+        spent = self._clock() - started
+        self._seconds_per_token = updated_speed(self._seconds_per_token, spent, batch.padded_tokens)
+        self._seconds_per_pair = updated_speed(self._seconds_per_pair, spent, batch.pairs)
         return logits
+
+    def drain_seconds(self, pairs: int) -> float | None:
+        """How long the engine takes to score ``pairs`` pairs at its recent speed (None before
+        it has run a batch)."""
+        return None if self._seconds_per_pair is None else pairs * self._seconds_per_pair
 
     def _stall(self, bound: float) -> None:
         self.stalled_since = self._clock()

@@ -32,7 +32,7 @@ ENDPOINT_LABELS = {"/rerank": "/rerank", "/v1/rerank": "/v1/rerank", "/v2/rerank
 def create_app(settings: Settings, engine_factory: EngineFactory = OnnxEngine) -> FastAPI:
     metrics = Metrics()
     service = Service(settings, metrics, engine_factory)
-    respond = ErrorResponder(metrics, settings.retry_after_s)
+    respond = ErrorResponder(metrics, settings.retry_after_s, settings.retry_after_max_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -10,6 +10,8 @@ once each, by reason.
 
 from __future__ import annotations
 
+import math
+
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import Scope
@@ -99,9 +101,10 @@ def http_error(exc: HTTPException) -> ServiceError:
 class ErrorResponder:
     """Renders (and counts) every error response of the app."""
 
-    def __init__(self, metrics: Metrics, retry_after_s: int) -> None:
+    def __init__(self, metrics: Metrics, retry_after_s: int, retry_after_max_s: int) -> None:
         self._metrics = metrics
         self._retry_after_s = retry_after_s
+        self._retry_after_max_s = retry_after_max_s
 
     def __call__(self, error: ServiceError, scope: Scope) -> JSONResponse:
         record = record_of(scope)
@@ -125,10 +128,17 @@ class ErrorResponder:
             headers=self._headers(error),
         )
 
+    def _retry_after(self, error: ServiceError) -> int:
+        """Whole seconds: the error's own estimate (the queue's drain time) rounded up and
+        bounded, else the configured pause."""
+        if error.retry_after_s is None:
+            return self._retry_after_s
+        return max(1, min(self._retry_after_max_s, math.ceil(error.retry_after_s)))
+
     def _headers(self, error: ServiceError) -> dict[str, str]:
         headers = {}
         if error.type in RETRYABLE:
-            headers["Retry-After"] = str(self._retry_after_s)
+            headers["Retry-After"] = str(self._retry_after(error))
         if error.type is ErrorType.REQUEST_TIMEOUT:
             # The rest of the body may still be trickling in: end the connection, not just the
             # request, or the server would go on reading it.

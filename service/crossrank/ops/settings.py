@@ -167,7 +167,15 @@ class Settings(BaseSettings):
         gt=0,
         description="A request's remaining work counts 1/(1 + age/aging_s): old ones can't starve.",
     )
-    retry_after_s: int = Field(default=1, ge=1)
+    retry_after_s: int = Field(
+        default=1,
+        ge=1,
+        description="Retry-After of a 503 whose wait is not measured (not ready, draining, "
+        "stalled, no batch scored yet); a full queue's is its expected drain time.",
+    )
+    retry_after_max_s: int = Field(
+        default=30, ge=1, description="The most a full queue's Retry-After says."
+    )
 
     # Drain (SIGTERM).
     drain_delay_s: float = Field(
