@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 from support import free_port, metric_value
@@ -39,20 +41,14 @@ def test_invalid_settings_are_reported(capsys, model_dir: ModelDir) -> None:
     assert "max_queued_pairs" in capsys.readouterr().err
 
 
-def test_serve_end_to_end_and_sigterm_exits_cleanly(model_dir: ModelDir) -> None:
+def serve_once(model_dir: ModelDir, *flags: str, **env: str) -> str:
+    """Run ``crossrank serve`` until ready, score a request, refuse one, stop it with SIGTERM
+    and check it exits cleanly; everything it wrote, stdout and stderr."""
     port = free_port()
-    env = {**os.environ, "CROSSRANK_PORT": str(port), "CROSSRANK_THREADS": "1"}
+    env = {**os.environ, "CROSSRANK_PORT": str(port), "CROSSRANK_THREADS": "1", **env}
+    command = [sys.executable, "-m", "crossrank.cli", "serve", "--model", str(model_dir.path)]
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "crossrank.cli",
-            "serve",
-            "--model",
-            str(model_dir.path),
-            "--host",
-            "127.0.0.1",
-        ],
+        [*command, "--host", "127.0.0.1", *flags],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -79,12 +75,29 @@ def test_serve_end_to_end_and_sigterm_exits_cleanly(model_dir: ModelDir) -> None
         process.send_signal(signal.SIGTERM)
         # uvicorn re-raises the signal once shut down, so the exit status says SIGTERM.
         assert process.wait(30) in (0, -signal.SIGTERM)
-        log = process.stdout.read()
-        assert "draining" in log
-        assert "Application shutdown complete" in log
+        return process.stdout.read()
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_serve_end_to_end_and_sigterm_exits_cleanly(model_dir: ModelDir) -> None:
+    log = serve_once(model_dir)
+    assert "draining" in log
+    assert "Application shutdown complete" in log
+
+
+def test_with_json_logs_every_line_the_process_writes_is_json(
+    model_dir: ModelDir, tmp_path: Path
+) -> None:
+    # A home it cannot write (as in the image) once made onnxruntime print a plain-text line.
+    log = serve_once(model_dir, "--log-format", "json", HOME=str(tmp_path / "no-such-home"))
+    lines = log.splitlines()
+    records = [json.loads(line) for line in lines]  # raises on any line that is not JSON
+    messages = [r["message"] for r in records]
+    assert any("draining" in m for m in messages)
+    assert any(r["logger"] == "crossrank.access" for r in records)
+    assert "Application shutdown complete." in messages
 
 
 def test_the_serving_path_never_imports_torch() -> None:

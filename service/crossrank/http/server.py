@@ -12,6 +12,7 @@ from starlette.types import ASGIApp
 
 from crossrank.http.app import create_app
 from crossrank.http.slow_clients import header_timeout_protocol
+from crossrank.model.engine import quiet_runtime
 from crossrank.ops.logs import configure
 from crossrank.ops.settings import Settings
 
@@ -71,6 +72,7 @@ def uvicorn_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
 
 def serve(settings: Settings) -> None:
     configure(settings.log_format)
+    quiet_runtime(json_logs=settings.log_format == "json")
     app = create_app(settings)
     config = uvicorn_config(app, settings)
     # One process, one event loop: the queue must see every request to batch them together.

@@ -24,6 +24,16 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
+def quiet_runtime(json_logs: bool) -> None:
+    """onnxruntime's own output, which bypasses Python's logging: no telemetry (it may try to
+    persist a device id under a home the process cannot write, and says so in plain text),
+    and with JSON logs only its errors, which it also raises as exceptions that the service's
+    JSON log lines carry."""
+    ort.disable_telemetry_events()
+    if json_logs:
+        ort.set_default_logger_severity(3)  # 3 = error
+
+
 class EngineConfigError(RuntimeError):
     """The engine cannot start as configured (said once, at start-up)."""
 

@@ -77,5 +77,7 @@ def handler(log_format: LogFormat, stream: TextIO = sys.stderr) -> logging.Handl
 
 
 def configure(log_format: LogFormat) -> None:
-    """Every logger (uvicorn's included) writes through one handler on the root logger."""
+    """Every logger (uvicorn's included) writes through one handler on the root logger, and so
+    do Python's warnings, which would otherwise print plain text to stderr."""
     logging.basicConfig(level=logging.INFO, handlers=[handler(log_format)], force=True)
+    logging.captureWarnings(True)
