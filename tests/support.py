@@ -252,6 +252,7 @@ class GatedEngine:
             self.gate.set()
         self.entered = threading.Semaphore(0)
         self.fail_when: Callable[[PaddedBatch], bool] = lambda batch: False
+        self.delay_s = 0.0  # every batch takes at least this long
         self.batches: list[int] = []
         self.padded_tokens: list[int] = []
 
@@ -260,6 +261,7 @@ class GatedEngine:
         assert self.gate.wait(30), "test gate never opened"
         if self.fail_when(batch):
             raise RuntimeError("injected engine fault")
+        time.sleep(self.delay_s)
         self.batches.append(batch.pairs)
         self.padded_tokens.append(batch.padded_tokens)
         return self.inner.run(batch)

@@ -19,6 +19,7 @@ from crossrank.core.admission import Permit
 from crossrank.core.errors import ErrorType, InvalidInput, ServiceError
 from crossrank.core.queue import PairQueue
 from crossrank.core.ranking import Ranked, ScoreScale, Trace, rank
+from crossrank.features.budget import Budget, budget_for
 from crossrank.features.chunking import LongPassages, pair_bound, passage_scores
 from crossrank.features.score_cache import ScoreCache
 from crossrank.model.tokenization import (
@@ -45,6 +46,7 @@ class ScoreRequest:
     timeout_ms: int | None = None
     instruction: str | None = None
     max_passage_tokens: int | None = None
+    budget_ms: int | None = None  # answer by then with what is scored (None: the server's)
     # Long passages: None keeps the server's default.
     long_passages: str | None = None  # "truncate" or "chunk"
     chunk_aggregation: str | None = None
@@ -63,6 +65,8 @@ class Pipeline:
         max_passages: int,
         default_timeout_ms: int,
         long_passages: LongPassages,
+        default_budget_ms: int = 0,
+        wait_ahead: Callable[[int], float | None] = lambda own: None,
         cache: ScoreCache | None = None,
         nice: int = 0,
     ) -> None:
@@ -77,6 +81,9 @@ class Pipeline:
         self._metrics = metrics
         self._max_passages = max_passages
         self._default_timeout_ms = default_timeout_ms
+        self._default_budget_ms = default_budget_ms or None
+        # Seconds the queue ahead of a request holding so many pairs would take (None: unknown).
+        self._wait_ahead = wait_ahead
         self.long_passages = long_passages  # the server's defaults
         self._cache = cache
         # Tokenisation runs beside inference: its own thread, so it never queues behind a batch;
@@ -99,6 +106,11 @@ class Pipeline:
         long = self.long_passages.override(
             request.long_passages, request.chunk_aggregation, request.max_chunks_per_doc
         )
+        timeout_ms = request.timeout_ms or self._default_timeout_ms
+        budget_ms = request.budget_ms
+        if budget_ms is None and self._default_budget_ms is not None:
+            budget_ms = min(self._default_budget_ms, timeout_ms)  # the client's deadline first
+        budget = budget_for(budget_ms, timeout_ms, long.chunk, arrived)
         permit.resize(self._bound(request, long))
         encoded, tokenize_s = await self._tokenize(request, long)
         trace.passages, trace.tokens = len(request.passages), encoded.tokens
@@ -106,15 +118,22 @@ class Pipeline:
         self._check_pairs(request, encoded, permit.pairs)
         keys, logits, missing = await self._cached(encoded)
         permit.resize(len(missing))
+        known = np.ones(len(logits), dtype=bool)
         if missing:
-            deadline = arrived + (request.timeout_ms or self._default_timeout_ms) / 1000
             pairs = [encoded.pairs[i] for i in missing]
-            scored, queue_s, inference_s = await self._infer(permit, pairs, deadline)
+            if budget is None:
+                deadline = arrived + timeout_ms / 1000
+                scored, queue_s, inference_s = await self._infer(permit, pairs, deadline)
+                done = np.ones(len(missing), dtype=bool)
+            else:
+                scored, done, queue_s, inference_s = await self._infer_within(permit, pairs, budget)
             trace.queue_ms, trace.inference_ms = 1000 * queue_s, 1000 * inference_s
             logits[missing] = scored
+            known[missing] = done
             if self._cache is not None and keys is not None:
-                self._cache.put([keys[i] for i in missing], scored.tolist())
-        return self._ranked(request, long, encoded, logits)
+                fresh = [i for i, d in zip(missing, done.tolist(), strict=True) if d]
+                self._cache.put([keys[i] for i in fresh], logits[fresh].tolist())
+        return self._ranked(request, long, encoded, logits, known if budget else None)
 
     def _bound(self, request: ScoreRequest, long: LongPassages) -> int:
         """The most pairs the request can make: its admission is judged on that. Chunked, what
@@ -224,7 +243,25 @@ class Pipeline:
             scored = await self._queue.wait(ticket)
         finally:
             self._metrics.inflight_requests.dec()
-        return scored, *ticket.timings()
+        return scored, *ticket.timings(time.monotonic())
+
+    async def _infer_within(
+        self, permit: Permit, pairs: list[EncodedPair], budget: Budget
+    ) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """What the queue scores of the pairs, in the order sent, by the budget's end: their
+        logits, which are in, and the seconds queued and in the engine. Nothing is queued when
+        the queue ahead would outlast the budget."""
+        now = time.monotonic()
+        if not budget.affords(now, self._wait_ahead(permit.pairs)):
+            permit.resize(0)
+            return np.zeros(len(pairs), dtype=np.float32), np.zeros(len(pairs), bool), 0.0, 0.0
+        ticket = self._queue.submit(permit, pairs, budget.remaining(now), in_order=True)
+        self._metrics.inflight_requests.inc()
+        try:
+            scored, done = await self._queue.wait_within(ticket, budget.remaining(now))
+        finally:
+            self._metrics.inflight_requests.dec()
+        return scored, done, *ticket.timings(time.monotonic())
 
     def _ranked(
         self,
@@ -232,6 +269,7 @@ class Pipeline:
         long: LongPassages,
         encoded: EncodedRequest,
         logits: np.ndarray,
+        known: np.ndarray | None,
     ) -> Ranked:
         spans = None
         if encoded.owners is not None and encoded.spans is not None:
@@ -244,8 +282,9 @@ class Pipeline:
             )
         # Rank by logit: the sigmoid saturates to equal scores for large, different logits.
         return Ranked(
-            order=rank(logits),
+            order=rank(logits, known),
             scores=self._scale.scores(logits, request.raw_scores),
+            scored=known,
             pairs=len(request.passages),
             tokens=encoded.tokens,
             truncated=encoded.truncated,

@@ -60,12 +60,14 @@ class Entry:
     sorted_desc: bool
     future: asyncio.Future[np.ndarray]
     logits: np.ndarray = field(init=False)
+    scored: np.ndarray = field(init=False)  # which positions' logits are in
     outstanding: int = field(init=False)  # pairs not yet scored: pending + in the engine
     first_dispatch_at: float | None = None
     scored_at: float | None = None
 
     def __post_init__(self) -> None:
         self.logits = np.empty(len(self.pairs), dtype=np.float32)
+        self.scored = np.zeros(len(self.pairs), dtype=bool)
         self.outstanding = len(self.pairs)
 
     def view(self) -> RequestView:
@@ -78,13 +80,14 @@ class Ticket:
 
     _entry: Entry
 
-    def timings(self) -> tuple[float, float]:
-        """Seconds (queued, in inference) of a scored request: from its queueing to its first
-        batch, and from then to its last pair scored."""
+    def timings(self, now: float) -> tuple[float, float]:
+        """Seconds (queued, in inference): from its queueing to its first batch, and from then
+        to its last pair scored (or to ``now``, for a request cut short by its budget)."""
         e = self._entry
-        if e.first_dispatch_at is None or e.scored_at is None:
-            raise ValueError("the request has not been scored")
-        return e.first_dispatch_at - e.admitted_at, e.scored_at - e.first_dispatch_at
+        end = now if e.scored_at is None else e.scored_at
+        if e.first_dispatch_at is None:
+            return end - e.admitted_at, 0.0
+        return e.first_dispatch_at - e.admitted_at, end - e.first_dispatch_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,15 +153,23 @@ class PairQueue:
 
     # -- the requests' side ---------------------------------------------------------------------
 
-    def submit(self, permit: Permit, pairs: Sequence[EncodedPair], timeout_s: float) -> Ticket:
+    def submit(
+        self,
+        permit: Permit,
+        pairs: Sequence[EncodedPair],
+        timeout_s: float,
+        in_order: bool = False,
+    ) -> Ticket:
         """Queue a tokenised request on the permit holding its pairs' room (never refused:
-        acquiring the permit was the admission)."""
+        acquiring the permit was the admission). ``in_order``: its pairs are served in the
+        order sent (a budgeted request's first-stage top first), not longest first."""
         if len(pairs) != permit.pairs:
             raise ValueError(f"{len(pairs)} pairs queued on a permit of {permit.pairs}")
         now = self._clock()
         lengths = [p.length for p in pairs]
         order = list(range(len(pairs)))
-        if self._length_sorting:
+        sort = self._length_sorting and not in_order
+        if sort:
             order.sort(key=lambda i: -lengths[i])
         entry = Entry(
             key=next(self._keys),
@@ -168,7 +179,7 @@ class PairQueue:
             pairs=pairs,
             lengths=lengths,
             pending=order,
-            sorted_desc=self._length_sorting,
+            sorted_desc=sort,
             future=asyncio.get_running_loop().create_future(),
         )
         self._send(entry)
@@ -186,6 +197,22 @@ class PairQueue:
             raise ServiceError(
                 ErrorType.DEADLINE_EXCEEDED, "the request's deadline passed before it was scored"
             ) from None
+        except asyncio.CancelledError:
+            self._send(_Drop(entry, "disconnected"))
+            raise
+
+    async def wait_within(self, ticket: Ticket, budget_s: float) -> tuple[np.ndarray, np.ndarray]:
+        """The request's logits by pair position and which of them are in: all of them, or, at
+        ``budget_s``, those scored by then, its queued pairs dropped and their room given back
+        (pairs in the engine then are discarded when they come back)."""
+        entry = ticket._entry
+        try:
+            async with asyncio.timeout(budget_s):
+                logits = await asyncio.shield(entry.future)
+                return logits, np.ones(len(logits), dtype=bool)
+        except TimeoutError:
+            self._send(_Drop(entry, "budget"))
+            return entry.logits.copy(), entry.scored.copy()
         except asyncio.CancelledError:
             self._send(_Drop(entry, "disconnected"))
             raise
@@ -295,6 +322,7 @@ class PairQueue:
         for entry, positions in running.batch.rows:
             n = len(positions)
             entry.logits[positions] = logits[row : row + n]
+            entry.scored[positions] = True
             row += n
             entry.outstanding -= n
             # A request dropped meanwhile is gone already: its future is done.

@@ -31,6 +31,9 @@ class Ranked:
     tokens: int
     truncated: int
     chunks: int  # pairs sent to the model: windows when chunked
+    # Budgeted requests only: which passages were scored in time (the others' scores mean
+    # nothing, and they follow the scored ones in the order sent).
+    scored: np.ndarray | None = None
     # Chunked: per passage, the window that scored it (number, first char, one past its last).
     spans: list[tuple[int, int, int]] | None = None
 
@@ -40,19 +43,30 @@ class Ranked:
         chunk, start, end = self.spans[index]
         return {"chunk": chunk, "start": start, "end": end}
 
+    @property
+    def unscored(self) -> int:
+        return 0 if self.scored is None else int((~self.scored).sum())
+
+    def is_scored(self, index: int) -> bool:
+        return self.scored is None or bool(self.scored[index])
+
     def best(self, limit: int | None, min_score: float | None = None) -> list[tuple[int, float]]:
-        """(index, score) of the best ``limit`` passages (all when None) scoring at least
-        ``min_score``, best first."""
+        """(index, score) of the best ``limit`` passages (all when None) best first, the
+        unscored ones of a budgeted request last; with ``min_score``, only scored passages
+        scoring at least that."""
         order = self.order.tolist()
         if min_score is not None:
-            # Scores are monotone in the logits ranked by: the passing ones are a prefix.
-            order = [i for i in order if self.scores[i] >= min_score]
+            order = [i for i in order if self.is_scored(i) and self.scores[i] >= min_score]
         return [(index, float(self.scores[index])) for index in order[:limit]]
 
 
-def rank(logits: np.ndarray) -> np.ndarray:
-    """Indices by logit descending, ties by index ascending (a stable, reproducible order)."""
-    return np.lexsort((np.arange(logits.shape[0]), -logits))
+def rank(logits: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:
+    """Indices by logit descending, ties by index ascending (a stable, reproducible order);
+    with ``known``, the known ones so, then the others by index (the order sent)."""
+    index = np.arange(logits.shape[0])
+    if known is None:
+        return np.lexsort((index, -logits))
+    return np.lexsort((index, np.where(known, -logits, 0.0), ~known))
 
 
 @dataclass(frozen=True, slots=True)

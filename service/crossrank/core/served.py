@@ -224,6 +224,8 @@ class ServedModel:
             long_passages=LongPassages(
                 s.long_passages == "chunk", Aggregation(s.chunk_aggregation), s.max_chunks_per_doc
             ),
+            default_budget_ms=s.default_budget_ms,
+            wait_ahead=lambda own: self._drain_seconds(max(0, self.admission.reserved - own)),
             cache=cache,
             nice=s.engine_nice,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -34,6 +35,9 @@ from crossrank.http.schemas import (
     document_texts,
     error_responses,
 )
+
+# Set on an answer that a budget cut short (crossrank.features.budget).
+PARTIAL_HEADER = "X-Crossrank-Partial"
 
 # nginx's code for "client closed request": logged and counted, never seen by the client.
 CLIENT_CLOSED = 499
@@ -71,12 +75,17 @@ def _model(request: Request, name: str | None) -> ServedModel:
     return served
 
 
-def _json(body: BaseModel, status: int = 200, exclude_none: bool = True) -> Response:
-    """A response model rendered by pydantic's serialiser (unset optional fields left out)."""
+def _json(
+    body: BaseModel, status: int = 200, exclude_none: bool = True, partial: bool = False
+) -> Response:
+    """A response model rendered by pydantic's serialiser (unset optional fields left out); a
+    partial answer (a budget passed) says so in a header too."""
+    headers = {PARTIAL_HEADER: "true"} if partial else None
     return Response(
-        body.model_dump_json(exclude_none=exclude_none),
+        body.model_dump_json(exclude_none=exclude_none, exclude_unset=not exclude_none),
         status_code=status,
         media_type="application/json",
+        headers=headers,
     )
 
 
@@ -122,18 +131,27 @@ async def rerank(body: RerankBody, request: Request) -> Response:
     if ranked is None:
         return Response(status_code=CLIENT_CLOSED)
     results = [
-        RerankResult(
-            index=i,
-            score=score,
-            passage=texts[i] if body.return_passages else None,
-            span=ranked.span(i),
-        )
+        _result(ranked, i, score, texts[i] if body.return_passages else None)
         for i, score in ranked.best(body.top_k, body.min_score)
     ]
-    usage = Usage(
-        pairs=ranked.pairs, chunks=ranked.chunks, tokens=ranked.tokens, truncated=ranked.truncated
-    )
-    return _json(RerankResponse(results=results, model=served.name, usage=usage))
+    counts = {"pairs": ranked.pairs, "chunks": ranked.chunks, "tokens": ranked.tokens}
+    if ranked.scored is not None:
+        counts |= {"scored": ranked.pairs - ranked.unscored, "unscored": ranked.unscored}
+    usage = Usage(**counts, truncated=ranked.truncated)
+    answer = RerankResponse(results=results, model=served.name, usage=usage)
+    # Only what applies is set: an unscored passage's score is null, not left out.
+    return _json(answer, exclude_none=False, partial=ranked.unscored > 0)
+
+
+def _result(ranked: Ranked, index: int, score: float, passage: str | None) -> RerankResult:
+    fields: dict[str, Any] = {"index": index, "score": score if ranked.is_scored(index) else None}
+    if passage is not None:
+        fields["passage"] = passage
+    if ranked.spans is not None:
+        fields["span"] = ranked.span(index)
+    if ranked.scored is not None:
+        fields["scored"] = ranked.is_scored(index)
+    return RerankResult(**fields)
 
 
 @router.post(
@@ -161,12 +179,17 @@ async def _cohere_answer(body: CohereRerankRequest, request: Request) -> Respons
     results = [
         CohereResult(
             index=i,
-            relevance_score=score,
+            # Cohere's clients require a number: 0 for a passage the budget left unscored.
+            relevance_score=score if ranked.is_scored(i) else 0.0,
+            scored=None if ranked.scored is None else ranked.is_scored(i),
             document=cohere_document(body.documents[i]) if body.return_documents else None,
             span=ranked.span(i),
         )
         for i, score in ranked.best(body.top_n, body.min_score)
     ]
+    usage: dict[str, int] = {"total_tokens": ranked.tokens}
+    if ranked.scored is not None:
+        usage |= {"scored": ranked.pairs - ranked.unscored, "unscored": ranked.unscored}
     return _json(
         CohereResponse(
             id=str(uuid.uuid4()),
@@ -177,8 +200,9 @@ async def _cohere_answer(body: CohereRerankRequest, request: Request) -> Respons
                 "tokens": {"input_tokens": ranked.tokens, "output_tokens": 0},
             },
             model=served.name,
-            usage={"total_tokens": ranked.tokens},
-        )
+            usage=usage,
+        ),
+        partial=ranked.unscored > 0,
     )
 
 

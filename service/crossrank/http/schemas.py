@@ -42,6 +42,14 @@ Text = Annotated[StrictStr, AfterValidator(_text)]
 
 LongPassages = Literal["truncate", "chunk"]
 ChunkAggregation = Literal["max", "first", "mean"]
+BUDGET_MS = Field(
+    default=None,
+    ge=1,
+    le=3_600_000,
+    description="Latency budget from arrival: by then the answer is a 200 with what was scored "
+    "(scored passages first, by score, then the rest in the order sent, each with scored "
+    "true/false; usage.scored/unscored). Default: the server's default_budget_ms, if any.",
+)
 MODEL = Field(
     default=None,
     min_length=1,
@@ -197,6 +205,7 @@ class RerankRequest(BaseModel):
     long_passages: LongPassages | None = LONG_PASSAGES
     chunk_aggregation: ChunkAggregation | None = CHUNK_AGGREGATION
     max_chunks_per_doc: StrictInt | None = MAX_CHUNKS_PER_DOC
+    budget_ms: StrictInt | None = BUDGET_MS
 
     def job(self, texts: list[str]) -> ScoreRequest:
         return ScoreRequest(
@@ -205,6 +214,7 @@ class RerankRequest(BaseModel):
             raw_scores=self.raw_scores,
             truncate=self.truncate,
             timeout_ms=self.timeout_ms,
+            budget_ms=self.budget_ms,
             instruction=self.instruction,
             long_passages=self.long_passages,
             chunk_aggregation=self.chunk_aggregation,
@@ -222,7 +232,8 @@ class Span(BaseModel):
 
 class RerankResult(BaseModel):
     index: int
-    score: float
+    score: float | None = Field(description="None: not scored within the request's budget.")
+    scored: bool | None = Field(default=None, description="With a budget only.")
     passage: str | None = None
     span: Span | None = Field(default=None, description="With long_passages chunk only.")
 
@@ -232,6 +243,8 @@ class Usage(BaseModel):
     chunks: int = Field(description="Pairs sent to the model: windows with chunk, else pairs.")
     tokens: int
     truncated: int = Field(description="Passages (or the query) with text left unscored.")
+    scored: int | None = Field(default=None, description="With a budget: passages scored.")
+    unscored: int | None = Field(default=None, description="With a budget: passages not.")
 
 
 class RerankResponse(BaseModel):
@@ -268,12 +281,14 @@ class CohereRerankRequest(BaseModel):
     max_chunks_per_doc: StrictInt | None = MAX_CHUNKS_PER_DOC
     long_passages: LongPassages | None = LONG_PASSAGES
     chunk_aggregation: ChunkAggregation | None = CHUNK_AGGREGATION
+    budget_ms: StrictInt | None = BUDGET_MS
 
     def job(self, texts: list[str]) -> ScoreRequest:
         """Cohere's semantics: over-long documents are cut, scores are always probabilities."""
         return ScoreRequest(
             self.query,
             texts,
+            budget_ms=self.budget_ms,
             instruction=self.instruction,
             max_passage_tokens=self.max_tokens_per_doc,
             long_passages=self.long_passages,
@@ -289,7 +304,10 @@ def cohere_document(document: str | dict[str, Any]) -> dict[str, Any]:
 
 class CohereResult(BaseModel):
     index: int
-    relevance_score: float
+    relevance_score: float = Field(
+        description="0 for a passage not scored within the request's budget (scored false)."
+    )
+    scored: bool | None = Field(default=None, description="With a budget only.")
     document: dict[str, Any] | None = Field(
         default=None, description="{text} for a string document, else the object sent."
     )

@@ -47,7 +47,7 @@ RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 ENDPOINTS = ("/rerank", "/v1/rerank")
 STATUSES = ("200", "400", "401", "408", "413", "422", "500", "503", "504")
-DROP_REASONS = ("deadline", "disconnected", "failed", "stalled")
+DROP_REASONS = ("deadline", "budget", "disconnected", "failed", "stalled")
 REJECT_REASONS = (
     "queue_full",
     "not_ready",

@@ -122,6 +122,12 @@ class Settings(BaseSettings):
     default_timeout_ms: int = Field(
         default=60_000, ge=1, description="Deadline of a request that sends no timeout_ms."
     )
+    default_budget_ms: int = Field(
+        default=0,
+        ge=0,
+        description="Latency budget of a request that sends no budget_ms: by then it is "
+        "answered with what was scored (200, partial); 0 = none.",
+    )
 
     score_cache_bytes: int = Field(
         default=0,
