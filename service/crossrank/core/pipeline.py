@@ -133,7 +133,11 @@ class Pipeline:
             if self._cache is not None and keys is not None:
                 fresh = [i for i, d in zip(missing, done.tolist(), strict=True) if d]
                 self._cache.put([keys[i] for i in fresh], logits[fresh].tolist())
-        return self._ranked(request, long, encoded, logits, known if budget else None)
+        ranked = self._ranked(request, long, encoded, logits, known if budget else None)
+        if ranked.unscored:
+            self._metrics.partial_answers.inc()
+            self._metrics.unscored_pairs.inc(ranked.unscored)
+        return ranked
 
     def _bound(self, request: ScoreRequest, long: LongPassages) -> int:
         """The most pairs the request can make: its admission is judged on that. Chunked, what

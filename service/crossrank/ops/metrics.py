@@ -193,6 +193,18 @@ class Metrics:
             labelnames=MODEL,
             registry=r,
         )
+        self.partial_answers = Counter(
+            "crossrank_partial_answers",
+            "Answers a latency budget cut short: some of their passages were not scored.",
+            labelnames=MODEL,
+            registry=r,
+        )
+        self.unscored_pairs = Counter(
+            "crossrank_unscored_pairs",
+            "Passages answered unscored because their request's latency budget passed.",
+            labelnames=MODEL,
+            registry=r,
+        )
         self.engine_failures = Counter(
             "crossrank_engine_failures",
             "Batches whose inference raised.",
@@ -262,6 +274,8 @@ class ModelMetrics:
         self.score_cache_misses = bound(m.score_cache_misses)
         self.score_cache_bytes = bound(m.score_cache_bytes)
         self.score_cache_capacity = bound(m.score_cache_capacity)
+        self.partial_answers = bound(m.partial_answers)
+        self.unscored_pairs = bound(m.unscored_pairs)
         self.engine_failures = bound(m.engine_failures)
         self.engine_stalls = bound(m.engine_stalls)
         self.engine_healthy = bound(m.engine_healthy)
