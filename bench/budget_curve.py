@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from bench.systems import crossrank
-from crossrank_train.evaluate import load_eval_set, measure
+from crossrank_train.evaluate import add_judged_set_flags, judged_set, measure
 
 
 def ranked(results: list[dict]) -> dict[str, float]:
@@ -36,23 +36,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--model", type=Path, required=True, help="the model directory served")
-    parser.add_argument("--queries", type=Path, required=True)
-    parser.add_argument("--qrels", type=Path, required=True)
-    parser.add_argument("--corpus", type=Path, required=True)
-    parser.add_argument("--depth", type=int, default=100, help="BM25 candidates a query")
-    parser.add_argument("--max-queries", type=int, help="the first N judged queries")
+    add_judged_set_flags(parser, depth=100)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0])
     parser.add_argument("--variant", default="int8")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
-    eval_set = load_eval_set(
-        queries=args.queries,
-        qrels=args.qrels,
-        corpus=args.corpus,
-        depth=args.depth,
-        max_queries=args.max_queries,
-    )
+    eval_set = judged_set(args)
     runs: dict[str, dict[str, dict[str, float]]] = {"full": {}}
     runs |= {f"{f:g}": {} for f in args.fractions}
     scored: dict[str, list[float]] = {f"{f:g}": [] for f in args.fractions}

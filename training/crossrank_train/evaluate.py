@@ -7,6 +7,7 @@ query (nDCG@10, paired t-test): with 50-odd queries a difference of 0.01 is ofte
 
 from __future__ import annotations
 
+import argparse
 import logging
 from dataclasses import dataclass
 from itertools import combinations, islice
@@ -66,6 +67,26 @@ def load_eval_set(
     )
     first_stage = (read_run(run), Path(run).stem) if run is not None else None
     return select_eval_set(collection, first_stage, depth=depth, max_queries=max_queries)
+
+
+def add_judged_set_flags(parser: argparse.ArgumentParser, depth: int) -> None:
+    """--queries, --qrels and --corpus of a judged set, with BM25's --depth candidates a query
+    for the first --max-queries judged queries (:func:`judged_set` reads them)."""
+    parser.add_argument("--queries", type=Path, required=True)
+    parser.add_argument("--qrels", type=Path, required=True)
+    parser.add_argument("--corpus", type=Path, required=True)
+    parser.add_argument("--depth", type=int, default=depth, help="BM25 candidates per query")
+    parser.add_argument("--max-queries", type=int, help="the first N judged queries")
+
+
+def judged_set(args: argparse.Namespace) -> EvalSet:
+    return load_eval_set(
+        queries=args.queries,
+        qrels=args.qrels,
+        corpus=args.corpus,
+        depth=args.depth,
+        max_queries=args.max_queries,
+    )
 
 
 def select_eval_set(

@@ -22,7 +22,7 @@ from crossrank.model.collate import pad_pairs
 from crossrank.model.engine import CPU, OnnxEngine, plan_session
 from crossrank.model.model_dir import load_model_dir
 from crossrank.model.tokenization import PairTokenizer, WindowTokenizer
-from crossrank_train.evaluate import evaluate, format_report, load_eval_set
+from crossrank_train.evaluate import add_judged_set_flags, evaluate, format_report, judged_set
 from crossrank_train.scoring import served_batches, served_limits
 
 
@@ -82,11 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model", type=Path, required=True, help="model directory")
     parser.add_argument("--variant", default="auto", help="auto: as on CPU")
-    parser.add_argument("--queries", type=Path, required=True)
-    parser.add_argument("--qrels", type=Path, required=True)
-    parser.add_argument("--corpus", type=Path, required=True)
-    parser.add_argument("--depth", type=int, default=20, help="BM25 candidates per query")
-    parser.add_argument("--max-queries", type=int, help="the first N judged queries")
+    add_judged_set_flags(parser, depth=20)
     parser.add_argument("--window", type=int, default=128, help="pair tokens (max_length)")
     parser.add_argument("--stride", type=int, default=32, help="tokens shared by windows")
     parser.add_argument("--max-chunks", type=int, default=8, help="windows per document")
@@ -111,13 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             for how in (Aggregation.MEAN, Aggregation.FIRST)
         ),
     ]
-    eval_set = load_eval_set(
-        queries=args.queries,
-        qrels=args.qrels,
-        corpus=args.corpus,
-        depth=args.depth,
-        max_queries=args.max_queries,
-    )
+    eval_set = judged_set(args)
     candidates = sum(len(ranked) for ranked in eval_set.candidates.values())
     cut = sum(
         tokenizer.encode(query, [eval_set.corpus[p] for p in eval_set.candidates[qid]]).truncated
