@@ -112,8 +112,13 @@ def test_the_cohere_sdk_parses_a_partial_answer(model_dir: ModelDir) -> None:
         srv.wait_ready()
         client = cohere.ClientV2(api_key="unused", base_url=srv.url)
         answer = client.rerank(model="rerank-v3.5", query=QUERY, documents=PASSAGES)
+        # ... but not to a request that chunks, which a budget would cut mid-passage.
+        with srv.client() as c:
+            body = {"query": QUERY, "passages": PASSAGES, "long_passages": "chunk"}
+            chunked = c.post("/rerank", json=body)
     assert [r.index for r in answer.results] == list(range(len(PASSAGES)))
     assert all(r.relevance_score == 0.0 for r in answer.results)
+    assert chunked.status_code == 200 and "scored" not in chunked.json()["usage"]
 
 
 def test_known_logits_rank_first_and_the_rest_keep_their_order() -> None:

@@ -108,8 +108,9 @@ class Pipeline:
         )
         timeout_ms = request.timeout_ms or self._default_timeout_ms
         budget_ms = request.budget_ms
-        if budget_ms is None and self._default_budget_ms is not None:
-            budget_ms = min(self._default_budget_ms, timeout_ms)  # the client's deadline first
+        if budget_ms is None and self._default_budget_ms is not None and not long.chunk:
+            # The server's budget yields to what the client asked: its deadline, chunking.
+            budget_ms = min(self._default_budget_ms, timeout_ms)
         budget = budget_for(budget_ms, timeout_ms, long.chunk, arrived)
         permit.resize(self._bound(request, long))
         encoded, tokenize_s = await self._tokenize(request, long)

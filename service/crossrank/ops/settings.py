@@ -125,8 +125,9 @@ class Settings(BaseSettings):
     default_budget_ms: int = Field(
         default=0,
         ge=0,
-        description="Latency budget of a request that sends no budget_ms: by then it is "
-        "answered with what was scored (200, partial); 0 = none.",
+        description="Latency budget of a request that sends no budget_ms (and does not chunk): "
+        "by then it is answered with what was scored (200, partial); never past its timeout_ms; "
+        "0 = none.",
     )
 
     score_cache_bytes: int = Field(
