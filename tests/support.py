@@ -4,6 +4,7 @@ test can gate, fail and watch; and helpers to read its metrics and wait for a co
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import socket
@@ -13,9 +14,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 import numpy as np
+import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import (
@@ -364,3 +367,12 @@ def wait_for(predicate, timeout: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition never held"
         time.sleep(0.01)
+
+
+def missing_tool(reason: str) -> NoReturn:
+    """A deploy test's tool is missing. Where `make test` installs every tool (as root with apt,
+    as CI runs; it then sets CROSSRANK_DEPLOY_TOOLS=required) that is a failure; elsewhere the
+    test skips, saying which tool and why, and the rest of the suite still runs."""
+    if os.environ.get("CROSSRANK_DEPLOY_TOOLS") == "required":
+        pytest.fail(f"{reason}, though make deploy-tools was to install it")
+    pytest.skip(reason)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import missing_tool
 
 from crossrank.ops.metrics import Metrics
 from crossrank.ops.settings import Settings
@@ -32,10 +33,7 @@ def tool(name: str) -> str:
     """A tool from the venv (the dev extra's) or PATH, or skip saying which is missing."""
     found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     if found is None:
-        # Skipped, not failed: `make test` installs every tool (dev extra, `make deploy-tools`),
-        # so this happens only where one truly cannot be had (no root, no apt, registry down);
-        # issue 15 asks that the rest still run then, and -ra prints this reason.
-        pytest.skip(f"{name} is not installed (make test installs it: dev extra / deploy-tools)")
+        missing_tool(f"{name} is not installed (make test installs it: dev extra / deploy-tools)")
     return found
 
 

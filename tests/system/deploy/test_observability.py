@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from support import RunningServer, free_port, run_server
+from support import RunningServer, free_port, missing_tool, run_server
 
 from crossrank.model.model_dir import ModelDir
 
@@ -92,9 +92,7 @@ class Prometheus:
 def prometheus_binary() -> str:
     binary = shutil.which("prometheus")
     if binary is None:
-        # Skipped, not failed: `make deploy-tools` installs Debian's prometheus when it runs as
-        # root; only where that cannot happen do these tests step aside, saying why (issue 15).
-        pytest.skip("prometheus is not installed (make deploy-tools installs Debian's)")
+        missing_tool("prometheus is not installed (make deploy-tools installs Debian's)")
     return binary
 
 
