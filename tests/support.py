@@ -33,10 +33,12 @@ from tokenizers import (
 from transformers import BertConfig, BertForSequenceClassification
 
 from crossrank.http.app import create_app
+from crossrank.http.errors import ErrorResponder
 from crossrank.http.server import DrainingServer, uvicorn_config
 from crossrank.model.collate import PaddedBatch
 from crossrank.model.engine import OnnxEngine, SessionPlan
 from crossrank.model.model_dir import ModelDir
+from crossrank.ops.metrics import Metrics
 from crossrank.ops.settings import Settings
 from crossrank_train.export import export_model_dir
 
@@ -296,6 +298,19 @@ class RunningServer:
                     return
                 time.sleep(0.02)
         raise TimeoutError("server never became ready")
+
+    def retry_after(self, pairs: int | None = None) -> str:
+        """The Retry-After a refusal of ``pairs`` more pairs (None: of an uncounted request)
+        carries now: the default model's measured drain time for the room ahead, rounded up
+        within the server's bounds. It depends on the machine's speed, so a test compares the
+        header with it rather than with a number; nothing may finish meanwhile (a gated engine)
+        or the estimate moves."""
+        service = self.app.state.service
+        error = service.resolve(None).admission.refusal(pairs)
+        assert error is not None and error.retry_after_s is not None, "no measured refusal"
+        settings = service.settings
+        respond = ErrorResponder(Metrics(), settings.retry_after_s, settings.retry_after_max_s)
+        return respond(error, {"type": "http", "path": "/rerank"}).headers["Retry-After"]
 
 
 @contextmanager

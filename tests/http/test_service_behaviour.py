@@ -78,11 +78,20 @@ def test_ready_only_after_warm_up_and_metrics_present_from_start(model_dir: Mode
 
 def test_queue_full_is_503_with_retry_after_before_any_work(model_dir: ModelDir) -> None:
     with run_server(
-        model_dir, gated=True, max_queued_pairs=10, max_passages=10, max_batch_pairs=2
+        model_dir,
+        gated=True,
+        hold_warm_up=True,
+        max_queued_pairs=10,
+        max_passages=10,
+        max_batch_pairs=2,
     ) as srv:
-        srv.wait_ready()
         engine = srv.engine
         assert engine is not None
+        # Every batch (warm-up's too) takes 0.5 s or more for at most 2 pairs, so the measured
+        # drain time of the 6 pairs the refused request waits for is over a second.
+        engine.delay_s = 0.5
+        engine.gate.set()
+        srv.wait_ready()
         engine.gate.clear()
         body = {"query": "q", "passages": [f"passage {i}" for i in range(8)]}
         with ThreadPoolExecutor(2) as pool:
@@ -93,7 +102,8 @@ def test_queue_full_is_503_with_retry_after_before_any_work(model_dir: ModelDir)
                 refused = c.post("/rerank", json=body)
             assert refused.status_code == 503
             assert refused.json()["error"]["type"] == "queue_full"
-            assert refused.headers["Retry-After"] == "1"
+            assert refused.headers["Retry-After"] == srv.retry_after(len(body["passages"]))
+            assert int(refused.headers["Retry-After"]) >= 2
             engine.gate.set()
             assert first.result().status_code == 200
         assert sum(engine.batches[runs_before:]) == 8  # the refused request never ran
