@@ -53,10 +53,11 @@ def test_ready_only_after_warm_up_and_metrics_present_from_start(model_dir: Mode
         assert "Retry-After" in early.headers
         for series in SERIES:
             assert series in text, series
-        assert (
-            'crossrank_request_duration_seconds_count{endpoint="/rerank",model="tiny-test-bert",'
-            'status="200"} 0.0' in text
-        )
+        for priority in ("interactive", "batch"):
+            assert (
+                'crossrank_request_duration_seconds_count{endpoint="/rerank",model="tiny-test-bert",'
+                f'priority="{priority}",status="200"}} 0.0' in text
+            )
         assert 'crossrank_dropped_pairs_total{model="tiny-test-bert",reason="deadline"} 0.0' in text
         assert (
             'model_info{model="tiny-test-bert",name="tiny-test-bert",provider="CPUExecutionProvider",'

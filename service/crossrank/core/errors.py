@@ -17,6 +17,7 @@ class ErrorType(StrEnum):
     MODEL_NOT_FOUND = "model_not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     QUEUE_FULL = "queue_full"
+    KEY_OVER_SHARE = "key_over_share"
     NOT_READY = "not_ready"
     SHUTTING_DOWN = "shutting_down"
     DEADLINE_EXCEEDED = "deadline_exceeded"

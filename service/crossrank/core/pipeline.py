@@ -66,7 +66,7 @@ class Pipeline:
         default_timeout_ms: int,
         long_passages: LongPassages,
         default_budget_ms: int = 0,
-        wait_ahead: Callable[[int], float | None] = lambda own: None,
+        wait_ahead: Callable[[Permit], float | None] = lambda permit: None,
         cache: ScoreCache | None = None,
         nice: int = 0,
     ) -> None:
@@ -82,7 +82,7 @@ class Pipeline:
         self._max_passages = max_passages
         self._default_timeout_ms = default_timeout_ms
         self._default_budget_ms = default_budget_ms or None
-        # Seconds the queue ahead of a request holding so many pairs would take (None: unknown).
+        # Seconds the queue ahead of a request's permit would take (None: unknown).
         self._wait_ahead = wait_ahead
         self.long_passages = long_passages  # the server's defaults
         self._cache = cache
@@ -257,7 +257,7 @@ class Pipeline:
         logits, which are in, and the seconds queued and in the engine. Nothing is queued when
         the queue ahead would outlast the budget."""
         now = time.monotonic()
-        if not budget.affords(now, self._wait_ahead(permit.pairs)):
+        if not budget.affords(now, self._wait_ahead(permit)):
             permit.resize(0)
             return np.zeros(len(pairs), dtype=np.float32), np.zeros(len(pairs), bool), 0.0, 0.0
         ticket = self._queue.submit(permit, pairs, budget.remaining(now), in_order=True)

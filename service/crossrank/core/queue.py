@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from crossrank.core.admission import Permit
+from crossrank.core.admission import Permit, Priority
 from crossrank.core.errors import ErrorType, ServiceError, engine_stalled
 from crossrank.core.scheduling import (
     BatchLimits,
@@ -71,7 +71,15 @@ class Entry:
         self.outstanding = len(self.pairs)
 
     def view(self) -> RequestView:
-        return RequestView(self.key, self.admitted_at, self.pending, self.lengths, self.sorted_desc)
+        return RequestView(
+            self.key,
+            self.admitted_at,
+            self.pending,
+            self.lengths,
+            self.sorted_desc,
+            batch=self.permit.priority is Priority.BATCH,
+            tenant=self.permit.tenant,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +169,8 @@ class PairQueue:
         in_order: bool = False,
     ) -> Ticket:
         """Queue a tokenised request on the permit holding its pairs' room (never refused:
-        acquiring the permit was the admission). ``in_order``: its pairs are served in the
+        acquiring the permit was the admission); the permit's priority and API key place it
+        (crossrank.core.scheduling). ``in_order``: its pairs are served in the
         order sent (a budgeted request's first-stage top first), not longest first."""
         if len(pairs) != permit.pairs:
             raise ValueError(f"{len(pairs)} pairs queued on a permit of {permit.pairs}")

@@ -2,10 +2,17 @@
 
 Two questions are answered here, and only here:
 
-* :func:`plan_batch` — which queued pairs form the next batch. Requests are ranked by their
-  remaining work, discounted by age (shortest-remaining-first with aging): a 10-passage request
-  that arrives behind a 1,000-passage one is served in the next batch instead of after all 1,000
-  pairs, and an old request's rank improves until nothing can starve it. The best-ranked request
+* :func:`plan_batch` — which queued pairs form the next batch. Only the most urgent class takes
+  part: interactive requests, and batch requests that have waited ``batch_aging_s`` (so batch
+  work runs only when no interactive work is queued, delays interactive work by at most the
+  batch running when it arrives, and waits for idle capacity no longer than its aging bound).
+  Within the class, the API keys come first whose queued work, discounted by the age of their
+  oldest request, is least (a key flooding the queue is served after a key sending little), and
+  within a key requests are ranked by their remaining work, discounted by age
+  (shortest-remaining-first with aging): a 10-passage request that arrives behind a
+  1,000-passage one is served in the next batch instead of after all 1,000 pairs, and an old
+  request's rank improves until nothing can starve it. Without API keys every request is of one
+  key and the key's rank decides nothing. The best-ranked request
   (the *head*) contributes its pairs in its serving order (longest first when length sorting is
   on), which fixes the batch's padded length; the remaining room goes to the other requests in
   rank order, taking only pairs no longer than that padded length, longest first, so padding stays
@@ -32,6 +39,7 @@ class BatchLimits:
     max_batch_pairs: int
     max_wait_s: float
     aging_s: float
+    batch_aging_s: float = float("inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +53,8 @@ class RequestView:
     # True when `pending` is sorted by length, longest first, which lets fillers be found by
     # bisection instead of a scan.
     sorted_desc: bool
+    batch: bool = False  # batch priority: served when no interactive work is queued
+    tenant: str | None = None  # the API key that sent it
 
 
 @dataclass(slots=True)
@@ -64,6 +74,29 @@ def rank_key(view: RequestView, now: float, aging_s: float) -> tuple[float, int]
     """Smaller is served sooner: remaining pairs, discounted by age."""
     age = max(0.0, now - view.admitted_at)
     return (len(view.pending) / (1.0 + age / aging_s), view.key)
+
+
+def urgent(requests: Sequence[RequestView], now: float, limits: BatchLimits) -> list[RequestView]:
+    """The requests of the most urgent class present: interactive ones and batch ones aged
+    past ``batch_aging_s``; else every (batch) request."""
+    first = [r for r in requests if not r.batch or now - r.admitted_at >= limits.batch_aging_s]
+    return first or list(requests)
+
+
+def key_ranks(
+    requests: Sequence[RequestView], now: float, aging_s: float
+) -> dict[str | None, float]:
+    """Each API key's rank (smaller is served sooner): its queued pairs, discounted by the age
+    of its oldest queued request."""
+    pending: dict[str | None, int] = {}
+    oldest: dict[str | None, float] = {}
+    for r in requests:
+        pending[r.tenant] = pending.get(r.tenant, 0) + len(r.pending)
+        oldest[r.tenant] = min(oldest.get(r.tenant, now), r.admitted_at)
+    return {
+        tenant: pairs / (1.0 + max(0.0, now - oldest[tenant]) / aging_s)
+        for tenant, pairs in pending.items()
+    }
 
 
 def _fits(plan: BatchPlan, length: int, limits: BatchLimits) -> bool:
@@ -110,10 +143,11 @@ def _take_filler(plan: BatchPlan, view: RequestView, limits: BatchLimits) -> Non
 def plan_batch(requests: Sequence[RequestView], now: float, limits: BatchLimits) -> BatchPlan:
     """Choose the next batch from the queued requests (see the module docstring)."""
     plan = BatchPlan()
-    live = [r for r in requests if r.pending]
+    live = urgent([r for r in requests if r.pending], now, limits)
     if not live:
         return plan
-    ranked = sorted(live, key=lambda r: rank_key(r, now, limits.aging_s))
+    keys = key_ranks(live, now, limits.aging_s)
+    ranked = sorted(live, key=lambda r: (keys[r.tenant], *rank_key(r, now, limits.aging_s)))
     _take_head(plan, ranked[0], limits)
     for view in ranked[1:]:
         if plan.full:

@@ -13,6 +13,7 @@ import asyncio
 import gc
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,23 @@ def warmup_batches(
     return batches
 
 
+def model_admission(
+    settings: Settings,
+    metrics: ModelMetrics,
+    stalled: Callable[[], bool],
+    drain_seconds: Callable[[int], float | None],
+) -> Admission:
+    """A model's admission: its bounds, and a fair share per key when several keys are set."""
+    return Admission(
+        settings.max_queued_pairs,
+        metrics,
+        stalled,
+        drain_seconds,
+        max_batch_pairs=settings.max_batch_queued_pairs,
+        fair_keys=len(settings.load_api_keys()) > 1,
+    )
+
+
 @dataclass(frozen=True)
 class CatalogEntry:
     """A model as configured: the names it answers to, its directory and its settings."""
@@ -97,9 +115,7 @@ class ServedModel:
         self.variant = ""
         self._worker: Worker | None = None
         # From the start, so that a drain asked for during start-up holds once it is done.
-        self.admission = Admission(
-            self.settings.max_queued_pairs, metrics, self._stalled, self._drain_seconds
-        )
+        self.admission = model_admission(self.settings, metrics, self._stalled, self._drain_seconds)
         self.pipeline: Pipeline | None = None
         self._queue: PairQueue | None = None
         self.ready = False
@@ -149,6 +165,7 @@ class ServedModel:
                 max_batch_pairs=s.max_batch_pairs,
                 max_wait_s=s.max_wait_ms / 1000,
                 aging_s=s.aging_s,
+                batch_aging_s=s.batch_aging_s,
             ),
             length_sorting=s.length_sorting,
             metrics=self.metrics,
@@ -225,7 +242,7 @@ class ServedModel:
                 s.long_passages == "chunk", Aggregation(s.chunk_aggregation), s.max_chunks_per_doc
             ),
             default_budget_ms=s.default_budget_ms,
-            wait_ahead=lambda own: self._drain_seconds(max(0, self.admission.reserved - own)),
+            wait_ahead=lambda permit: self._drain_seconds(self.admission.ahead_of(permit)),
             cache=cache,
             nice=s.engine_nice,
         )

@@ -9,6 +9,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from crossrank.core.errors import ErrorType, ServiceError
+from crossrank.http.context import record_of
 from crossrank.ops.metrics import Metrics
 
 MESSAGES = {
@@ -41,25 +42,30 @@ class ApiKeyMiddleware:
         self.metrics = metrics
         self.respond = respond
 
-    def _failure(self, header: bytes | None) -> str | None:
-        """Why ``header`` does not authorise the request, or None when it does."""
+    def _check(self, header: bytes | None) -> tuple[str | None, int]:
+        """Why ``header`` does not authorise the request (None when it does), and which key
+        it names (its position; -1 for none)."""
         if header is None:
-            return "missing"
+            return "missing", -1
         scheme, _, key = header.partition(b" ")
         key = key.strip()
         if scheme.lower() != b"bearer" or not key:
-            return "malformed"
-        matched = False
-        for known in self.keys:
-            matched |= hmac.compare_digest(known, key)
-        return None if matched else "wrong_key"
+            return "malformed", -1
+        found = -1
+        for index, known in enumerate(self.keys):
+            if hmac.compare_digest(known, key):
+                found = index
+        return (None, found) if found >= 0 else ("wrong_key", -1)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
-        reason = self._failure(dict(scope["headers"]).get(b"authorization"))
+        reason, index = self._check(dict(scope["headers"]).get(b"authorization"))
         if reason is None:
+            record = record_of(scope)
+            if record is not None:
+                record.tenant = f"key{index}"
             await self.app(scope, receive, send)
             return
         self.metrics.auth_failures.labels(reason).inc()

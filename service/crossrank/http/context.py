@@ -41,6 +41,10 @@ class RequestRecord:
     # What the request calls its candidates (Cohere's shape: documents), for its errors' fields.
     items: str = "passages"
     model: str = ""  # the model serving it, once known: its metrics' label
+    priority: str = "interactive"  # its class, once known: its duration metric's label
+    # Which API key sent it (its position among the keys, never the key): admission's fair
+    # share is per key.
+    tenant: str | None = None
 
 
 def request_id(sent: bytes | None) -> str:
@@ -111,7 +115,9 @@ class RequestContextMiddleware:
         if endpoint is not None:
             # No answer sent: the request was cancelled, as uvicorn does to a closed connection.
             label = str(status or 500)
-            self.metrics.request_duration.labels(endpoint, label, record.model).observe(seconds)
+            self.metrics.request_duration.labels(
+                endpoint, label, record.model, record.priority
+            ).observe(seconds)
         if not self.access:
             return
 

@@ -30,6 +30,7 @@ STATUS: dict[ErrorType, int] = {
     ErrorType.MODEL_NOT_FOUND: 404,
     ErrorType.METHOD_NOT_ALLOWED: 405,
     ErrorType.QUEUE_FULL: 503,
+    ErrorType.KEY_OVER_SHARE: 429,
     ErrorType.NOT_READY: 503,
     ErrorType.SHUTTING_DOWN: 503,
     ErrorType.DEADLINE_EXCEEDED: 504,
@@ -42,6 +43,7 @@ STATUS: dict[ErrorType, int] = {
 RETRYABLE = frozenset(
     {
         ErrorType.QUEUE_FULL,
+        ErrorType.KEY_OVER_SHARE,
         ErrorType.NOT_READY,
         ErrorType.SHUTTING_DOWN,
         ErrorType.ENGINE_STALLED,
@@ -51,6 +53,7 @@ RETRYABLE = frozenset(
 # crossrank_rejected_requests' reason for each type counted as a refusal.
 REJECTION = {
     ErrorType.QUEUE_FULL: "queue_full",
+    ErrorType.KEY_OVER_SHARE: "key_over_share",
     ErrorType.NOT_READY: "not_ready",
     ErrorType.SHUTTING_DOWN: "shutting_down",
     ErrorType.ENGINE_STALLED: "engine_stalled",

@@ -4,7 +4,8 @@ parses its body (refusing must cost less than the work it spares, or an overload
 It meets a request twice. When its headers arrive, it is refused if no room at all is left (or
 the service drains, or its engine stalled). Then the gate reads the body itself, and the moment
 its last byte arrives a fast parse (msgspec, the items left undecoded) counts the passages it
-lists and acquires a permit for them (crossrank.core.admission), or refuses it. So a refusal
+lists, reads its model and priority, and acquires a permit for them, of that priority and for
+the request's API key (crossrank.core.admission), or refuses it. So a refusal
 costs neither the framework's routing nor the strict parse nor the validation of its body, and
 requests arriving together are admitted in the order their bodies complete, each against the
 room the ones before it took. The permit reaches the route in the request's scope
@@ -21,22 +22,40 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from crossrank.core.admission import Permit
-from crossrank.core.errors import ServiceError
+from crossrank.core.admission import Permit, Priority
+from crossrank.core.errors import InvalidInput, ServiceError
 from crossrank.core.served import ServedModel
 from crossrank.core.service import Service
 from crossrank.http.context import record_of
 from crossrank.http.json_body import is_json
-from crossrank.http.schemas import listed_items
+from crossrank.http.schemas import Listed, listed_items
 
 PERMIT = "crossrank_permit"  # the gate's (model, permit) in scope["state"]
+PRIORITY_HEADER = "X-Crossrank-Priority"
+PRIORITIES = frozenset(p.value for p in Priority)
 
 
-def request_permit(scope: Scope, served: ServedModel) -> Permit:
+def request_priority(scope: Scope, sent: str | None) -> Priority:
+    """The priority the body names (``sent``), else the header's, else interactive; a header
+    naming none is a 422 (the body's field is the schema's to judge)."""
+    if sent is None:
+        header = dict(scope["headers"]).get(PRIORITY_HEADER.lower().encode())
+        if header is None:
+            return Priority.INTERACTIVE
+        sent = header.decode("latin-1").strip().lower()
+        if sent not in PRIORITIES:
+            raise InvalidInput("must be interactive or batch", PRIORITY_HEADER)
+    return Priority(sent)
+
+
+def request_permit(scope: Scope, served: ServedModel, priority: Priority) -> Permit:
     """The permit the gate acquired for this request from ``served``'s admission, else one
     holding no room yet, which the pipeline grows to the request's bound (or is refused)."""
     model, held = scope.get("state", {}).get(PERMIT, (None, None))
-    return held if model is served else served.admission.acquire(0)
+    if model is served and held.priority is priority:
+        return held
+    record = record_of(scope)
+    return served.admission.acquire(0, priority, record.tenant if record else None)
 
 
 class AdmissionGateMiddleware:
@@ -72,16 +91,23 @@ class AdmissionGateMiddleware:
         content_type = headers.get(b"content-type", b"").decode("latin-1")
         listed = listed_items(body.data) if body.complete and is_json(content_type) else None
         served = self._model(listed)
+        priority = _priority(scope, listed)
         # Over max_passages the route's 422 says why; a 503 would invite retries. A model not
-        # served is the route's 404.
-        if listed is None or served is None or not 0 < listed[0] <= self.max_passages:
+        # served is the route's 404, a priority not known its 422.
+        if (
+            listed is None
+            or served is None
+            or priority is None
+            or not 0 < listed.items <= self.max_passages
+        ):
             await self.app(scope, body.replay(receive), send)
             return
         record = record_of(scope)
+        tenant = None
         if record is not None:
-            record.model = served.name
+            record.model, record.priority, tenant = served.name, priority, record.tenant
         try:
-            permit = served.admission.acquire(listed[0])
+            permit = served.admission.acquire(listed.items, priority, tenant)
         except ServiceError as refused:
             await self.respond(refused, scope)(scope, receive, send)
             return
@@ -89,13 +115,23 @@ class AdmissionGateMiddleware:
             scope.setdefault("state", {})[PERMIT] = (served, permit)
             await self.app(scope, body.replay(receive), send)
 
-    def _model(self, listed: tuple[int, str | None] | None) -> ServedModel | None:
+    def _model(self, listed: Listed | None) -> ServedModel | None:
         if listed is None:
             return None
         try:
-            return self.service.resolve(listed[1])
+            return self.service.resolve(listed.model)
         except ServiceError:
             return None
+
+
+def _priority(scope: Scope, listed: Listed | None) -> Priority | None:
+    """The request's priority, or None when it names none known (the route's 422)."""
+    if listed is None or (listed.priority is not None and listed.priority not in PRIORITIES):
+        return None
+    try:
+        return request_priority(scope, listed.priority)
+    except ServiceError:
+        return None
 
 
 class _Body:

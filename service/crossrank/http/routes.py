@@ -17,7 +17,7 @@ from crossrank.core.ranking import Ranked, Trace
 from crossrank.core.served import ServedModel
 from crossrank.core.service import Service
 from crossrank.http.context import record_of
-from crossrank.http.gate import request_permit
+from crossrank.http.gate import request_permit, request_priority
 from crossrank.http.json_body import StrictJSONRoute
 from crossrank.http.schemas import (
     CohereRerankRequest,
@@ -54,6 +54,7 @@ RERANK_ERRORS = error_responses(
     ErrorType.ENGINE_FAILURE,
     ErrorType.INTERNAL,
     ErrorType.QUEUE_FULL,
+    ErrorType.KEY_OVER_SHARE,
     ErrorType.NOT_READY,
     ErrorType.SHUTTING_DOWN,
     ErrorType.ENGINE_STALLED,
@@ -89,10 +90,13 @@ def _json(
     )
 
 
-async def _score(request: Request, job: ScoreRequest, served: ServedModel) -> Ranked | None:
-    """Score ``job`` with ``served`` on the request's permit; None if the client went away
-    first (its queued pairs are then dropped). The body has been read, so the next ASGI
-    message is the disconnect."""
+async def _score(
+    request: Request, job: ScoreRequest, served: ServedModel, sent_priority: str | None
+) -> Ranked | None:
+    """Score ``job`` with ``served`` on the request's permit, of the priority the body
+    (``sent_priority``) or header names; None if the client went away first (its queued pairs
+    are then dropped). The body has been read, so the next ASGI message is the disconnect."""
+    priority = request_priority(request.scope, sent_priority)
     pipeline = served.require_ready()
 
     async def disconnected() -> None:
@@ -100,8 +104,10 @@ async def _score(request: Request, job: ScoreRequest, served: ServedModel) -> Ra
             pass
 
     record = record_of(request.scope)
-    trace = record.trace if record is not None else Trace()
-    async with request_permit(request.scope, served) as permit:
+    trace = Trace()
+    if record is not None:
+        trace, record.priority = record.trace, priority
+    async with request_permit(request.scope, served, priority) as permit:
         task = asyncio.ensure_future(pipeline.score(job, permit, trace))
         watcher = asyncio.ensure_future(disconnected())
         try:
@@ -127,7 +133,7 @@ async def rerank(body: RerankBody, request: Request) -> Response:
         return await _cohere_answer(body, request)
     served = _model(request, body.model)
     texts = document_texts(body.passages, body.rank_fields, "passages")
-    ranked = await _score(request, body.job(texts), served)
+    ranked = await _score(request, body.job(texts), served, body.priority)
     if ranked is None:
         return Response(status_code=CLIENT_CLOSED)
     results = [
@@ -173,7 +179,7 @@ async def _cohere_answer(body: CohereRerankRequest, request: Request) -> Respons
         record.items = "documents"
     served = _model(request, body.model)
     texts = document_texts(body.documents, body.rank_fields, "documents")
-    ranked = await _score(request, body.job(texts), served)
+    ranked = await _score(request, body.job(texts), served, body.priority)
     if ranked is None:
         return Response(status_code=CLIENT_CLOSED)
     results = [

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 from pydantic import (
@@ -42,6 +42,7 @@ Text = Annotated[StrictStr, AfterValidator(_text)]
 
 LongPassages = Literal["truncate", "chunk"]
 ChunkAggregation = Literal["max", "first", "mean"]
+PriorityName = Literal["interactive", "batch"]
 BUDGET_MS = Field(
     default=None,
     ge=1,
@@ -49,6 +50,11 @@ BUDGET_MS = Field(
     description="Latency budget from arrival: by then the answer is a 200 with what was scored "
     "(scored passages first, by score, then the rest in the order sent, each with scored "
     "true/false; usage.scored/unscored). Default: the server's default_budget_ms, if any.",
+)
+PRIORITY = Field(
+    default=None,
+    description="interactive (the default) or batch: batch work fills idle capacity and has its "
+    "own admission bound. Overrides the X-Crossrank-Priority header.",
 )
 MODEL = Field(
     default=None,
@@ -136,22 +142,30 @@ class _Listed(msgspec.Struct):
     passages: list[msgspec.Raw] | None = None
     documents: list[msgspec.Raw] | None = None
     model: str | None = None
+    priority: str | None = None
 
 
 _listed = msgspec.json.Decoder(_Listed)
 
 
-def listed_items(body: bytes) -> tuple[int, str | None] | None:
+class Listed(NamedTuple):
+    items: int
+    model: str | None
+    priority: str | None
+
+
+def listed_items(body: bytes) -> Listed | None:
     """How many passages (``/rerank``) or documents (the Cohere routes) a JSON body lists,
-    before it is validated, and the model it names: a lower bound on the pairs its request will
-    hold room for, which admission can judge first (crossrank.http.gate). None when the body is
-    not an object with such a list: the strict parser is to say what is wrong with it."""
+    before it is validated, and the model and priority it names: a lower bound on the pairs its
+    request will hold room for, which admission can judge first (crossrank.http.gate). None
+    when the body is not an object with such a list: the strict parser is to say what is wrong
+    with it."""
     try:
         listed = _listed.decode(body)
     except (msgspec.DecodeError, RecursionError):  # ValidationError included; too deep
         return None
     items = listed.passages if listed.passages is not None else listed.documents
-    return None if items is None else (len(items), listed.model)
+    return None if items is None else Listed(len(items), listed.model, listed.priority)
 
 
 class RerankRequest(BaseModel):
@@ -206,6 +220,7 @@ class RerankRequest(BaseModel):
     chunk_aggregation: ChunkAggregation | None = CHUNK_AGGREGATION
     max_chunks_per_doc: StrictInt | None = MAX_CHUNKS_PER_DOC
     budget_ms: StrictInt | None = BUDGET_MS
+    priority: PriorityName | None = PRIORITY
 
     def job(self, texts: list[str]) -> ScoreRequest:
         return ScoreRequest(
@@ -282,6 +297,7 @@ class CohereRerankRequest(BaseModel):
     long_passages: LongPassages | None = LONG_PASSAGES
     chunk_aggregation: ChunkAggregation | None = CHUNK_AGGREGATION
     budget_ms: StrictInt | None = BUDGET_MS
+    priority: PriorityName | None = PRIORITY
 
     def job(self, texts: list[str]) -> ScoreRequest:
         """Cohere's semantics: over-long documents are cut, scores are always probabilities."""

@@ -46,10 +46,12 @@ TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 ENDPOINTS = ("/rerank", "/v1/rerank")
-STATUSES = ("200", "400", "401", "408", "413", "422", "500", "503", "504")
+STATUSES = ("200", "400", "401", "408", "413", "422", "429", "500", "503", "504")
+PRIORITIES = ("interactive", "batch")
 DROP_REASONS = ("deadline", "budget", "disconnected", "failed", "stalled")
 REJECT_REASONS = (
     "queue_full",
+    "key_over_share",
     "not_ready",
     "shutting_down",
     "engine_stalled",
@@ -68,8 +70,8 @@ class Metrics:
         r = self.registry
         self.request_duration = Histogram(
             "crossrank_request_duration_seconds",
-            "End-to-end time of a rerank request, by endpoint and HTTP status.",
-            ["endpoint", "status", "model"],
+            "End-to-end time of a rerank request, by endpoint, HTTP status and priority.",
+            ["endpoint", "status", "model", "priority"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -132,6 +134,19 @@ class Metrics:
             "crossrank_reserved_pairs",
             "Queue room held (bounded by max_queued_pairs): pairs of admitted requests being "
             "tokenised, queued or scored.",
+            labelnames=MODEL,
+            registry=r,
+        )
+        self.batch_queue_capacity = Gauge(
+            "crossrank_batch_queue_capacity_pairs",
+            "The admission bound on batch-priority pairs (max_batch_queued_pairs), apart from "
+            "the interactive bound.",
+            labelnames=MODEL,
+            registry=r,
+        )
+        self.batch_reserved_pairs = Gauge(
+            "crossrank_batch_reserved_pairs",
+            "Batch-priority room held (bounded by max_batch_queued_pairs).",
             labelnames=MODEL,
             registry=r,
         )
@@ -232,7 +247,8 @@ class Metrics:
         self._models.append(name)
         for endpoint in ENDPOINTS:
             for status in STATUSES:
-                self.request_duration.labels(endpoint, status, name)
+                for priority in PRIORITIES:
+                    self.request_duration.labels(endpoint, status, name, priority)
         for reason in REJECT_REASONS:
             self.rejected_requests.labels(reason, name)
         return ModelMetrics(self, name)
@@ -241,7 +257,7 @@ class Metrics:
         """The series of requests answered before a model was named (401, 413, bad JSON)."""
         for endpoint in ENDPOINTS:
             for status in STATUSES:
-                self.request_duration.labels(endpoint, status, "")
+                self.request_duration.labels(endpoint, status, "", "interactive")
         for reason in REJECT_REASONS:
             self.rejected_requests.labels(reason, "")
         for reason in AUTH_FAILURE_REASONS:
@@ -267,6 +283,8 @@ class ModelMetrics:
         self.queue_depth = bound(m.queue_depth)
         self.queue_capacity = bound(m.queue_capacity)
         self.reserved_pairs = bound(m.reserved_pairs)
+        self.batch_queue_capacity = bound(m.batch_queue_capacity)
+        self.batch_reserved_pairs = bound(m.batch_reserved_pairs)
         self.inflight_requests = bound(m.inflight_requests)
         self.pairs = bound(m.pairs)
         self.tokens = bound(m.tokens)

@@ -21,6 +21,7 @@ PER_MODEL = (
     "max_batch_pairs",
     "max_wait_ms",
     "max_queued_pairs",
+    "max_batch_queued_pairs",
     "score_cache_bytes",
 )
 
@@ -44,6 +45,7 @@ class ModelSpec(BaseModel):
     max_batch_pairs: int | None = Field(default=None, ge=1)
     max_wait_ms: float | None = Field(default=None, ge=0)
     max_queued_pairs: int | None = Field(default=None, ge=1)
+    max_batch_queued_pairs: int | None = Field(default=None, ge=1)
     score_cache_bytes: int | None = Field(default=None, ge=0)
 
     @classmethod
@@ -165,6 +167,18 @@ class Settings(BaseSettings):
         ge=1,
         description="Room for pairs being tokenised, queued or scored; a request that would "
         "overflow it is refused (503) before any work.",
+    )
+    max_batch_queued_pairs: int = Field(
+        default=4000,
+        ge=1,
+        description="Room for batch-priority pairs, apart from max_queued_pairs: batch work "
+        "never takes the room interactive work needs.",
+    )
+    batch_aging_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Batch-priority work queued this long is served as interactive: idle "
+        "capacity comes first, but no batch request waits much longer than this for it.",
     )
     length_sorting: bool = Field(
         default=True, description="Sort each request's pairs by length before batching."
