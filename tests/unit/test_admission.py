@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crossrank.core.admission import Admission, Permit
+from crossrank.core.admission import Admission, Permit, Priority
 from crossrank.core.errors import ErrorType, ServiceError
 from crossrank.http.errors import ErrorResponder
 from crossrank.ops.metrics import Metrics
@@ -170,3 +170,50 @@ def test_retry_after_is_the_estimate_rounded_up_and_bounded() -> None:
     for estimate, header in ((None, "1"), (0.2, "1"), (2.3, "3"), (4000.0, "30")):
         error = ServiceError(ErrorType.QUEUE_FULL, "full", retry_after_s=estimate)
         assert respond(error, scope).headers["Retry-After"] == header
+
+
+def test_batch_work_has_its_own_room_and_waits_behind_interactive_work() -> None:
+    metrics = Metrics()
+    admission = Admission(
+        BOUND, metrics.for_model("m"), drain_seconds=lambda pairs: pairs, max_batch_pairs=20
+    )
+    interactive = admission.acquire(BOUND)
+    batch = admission.acquire(20, Priority.BATCH)
+    assert admission.reserved == BOUND + 20
+    full = admission.refusal(1, Priority.BATCH)
+    assert full is not None and full.type is ErrorType.QUEUE_FULL and "batch" in full.message
+    # A batch request waits for the interactive pairs too (a second per pair here).
+    assert full.retry_after_s == BOUND + 1
+    assert admission.ahead_of(batch) == BOUND and admission.ahead_of(interactive) == 0
+    sample = metrics.registry.get_sample_value
+    assert sample("crossrank_batch_reserved_pairs", {"model": "m"}) == 20
+    assert sample("crossrank_reserved_pairs", {"model": "m"}) == BOUND
+    interactive.release()
+    # Interactive room back; batch room still all taken.
+    assert admission.refusal(BOUND) is None and admission.refusal(1, Priority.BATCH) is not None
+    batch.release()
+    assert admission.reserved == 0
+
+
+def test_a_key_holding_room_gets_at_most_its_fair_share() -> None:
+    admission = Admission(100, Metrics().for_model("m"), fair_keys=True)
+    # A key that holds nothing is judged against the bound alone: a lone client is not capped.
+    first = admission.acquire(60, tenant="key0")
+    over = admission.refusal(1, tenant="key0")
+    assert over is not None and over.type is ErrorType.KEY_OVER_SHARE  # 60 > 100 // 2
+    # Room is always left for another key's request; then each holds at most 100 // 3.
+    second = admission.acquire(30, tenant="key1")
+    assert admission.refusal(4, tenant="key1") is not None
+    assert admission.refusal(3, tenant="key1") is None
+    first.resize(20)
+    assert admission.refusal(13, tenant="key0") is None
+    assert admission.refusal(14, tenant="key0") is not None
+    # A split moves room within the key; released, the key holds nothing and is judged afresh.
+    part = second.split(10)
+    second.release()
+    part.release()
+    assert admission.refusal(80, tenant="key1") is None
+    # Without fair_keys (fewer than two keys) no key is capped.
+    open_ = Admission(100, Metrics().for_model("m"))
+    open_.acquire(60, tenant="key0")
+    assert open_.refusal(40, tenant="key0") is None

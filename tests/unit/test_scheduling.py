@@ -111,3 +111,39 @@ def test_unsorted_fillers_skip_pairs_that_do_not_fit() -> None:
     plan = plan_batch([head, other], 1.0, limits)
     assert plan.take[1] == [0, 2, 3, 4]
     assert plan.padded_tokens == 500
+
+
+def test_interactive_work_goes_before_batch_work_whatever_its_size() -> None:
+    small_batch = RequestView(0, 0.0, [0, 1], [10, 10], sorted_desc=True, batch=True)
+    big_interactive = view(1, [10] * 100, admitted_at=0.5)
+    plan = plan_batch([small_batch, big_interactive], 1.0, LIMITS)
+    # Shortest-remaining-first alone would take the 2 batch pairs first; the class comes first.
+    assert plan.take == {1: list(range(8))}
+    # Alone, batch work fills the idle engine.
+    assert plan_batch([small_batch], 1.0, LIMITS).take == {0: [0, 1]}
+
+
+def test_batch_work_waits_no_longer_than_its_aging_bound() -> None:
+    limits = BatchLimits(1000, 8, 0.005, aging_s=2.0, batch_aging_s=30.0)
+    old_batch = RequestView(0, 0.0, [0, 1], [10, 10], sorted_desc=True, batch=True)
+    interactive = view(1, [10] * 100, admitted_at=29.0)
+    assert 0 not in plan_batch([old_batch, interactive], 29.9, limits).take
+    # Past the bound it competes as interactive work, and its 2 pairs rank first.
+    assert plan_batch([old_batch, interactive], 30.0, limits).take[0] == [0, 1]
+
+
+def test_a_key_flooding_the_queue_is_served_after_a_key_sending_little() -> None:
+    def keyed(key: int, tenant: str, pairs: int, at: float) -> RequestView:
+        return RequestView(key, at, list(range(pairs)), [10] * pairs, True, tenant=tenant)
+
+    # key0 has queued 4 requests (50, 49, 48 and 47 pairs); key1 one of 60.
+    flood = [keyed(k, "key0", 50 - k, 0.0) for k in range(4)]
+    light = keyed(9, "key1", 60, 0.5)
+    plan = plan_batch([*flood, light], 1.0, LIMITS)
+    # By request alone key0's 47-pair request ranks first; by key, key1's 60 queued pairs are
+    # fewer than key0's 194.
+    assert rank_key(flood[3], 1.0, 2.0) < rank_key(light, 1.0, 2.0)
+    assert list(plan.take) == [9]
+    # Without keys (one tenant) the request ranks decide, as before.
+    untagged = [RequestView(r.key, r.admitted_at, r.pending, r.lengths, True) for r in flood]
+    assert list(plan_batch([*untagged, view(9, [10] * 60, 0.5)], 1.0, LIMITS).take) == [3]

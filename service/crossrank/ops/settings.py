@@ -297,9 +297,10 @@ class Settings(BaseSettings):
                 f"watchdog_liveness_s ({self.watchdog_liveness_s}) must exceed watchdog_floor_s "
                 f"({self.watchdog_floor_s}): /health fails only after /ready has"
             )
-        if self.max_passages > self.max_queued_pairs:
-            raise ValueError(
-                f"max_passages ({self.max_passages}) must not exceed max_queued_pairs "
-                f"({self.max_queued_pairs}): such a request could never be admitted"
-            )
+        for bound in ("max_queued_pairs", "max_batch_queued_pairs"):
+            if self.max_passages > getattr(self, bound):
+                raise ValueError(
+                    f"max_passages ({self.max_passages}) must not exceed {bound} "
+                    f"({getattr(self, bound)}): such a request could never be admitted"
+                )
         return self
