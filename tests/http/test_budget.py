@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from support import RunningServer, metric, run_server, wait_for
 
+from crossrank.core.cost import PairCost
 from crossrank.core.ranking import rank
 from crossrank.features.budget import Budget
 from crossrank.model.model_dir import ModelDir
@@ -128,9 +129,19 @@ def test_known_logits_rank_first_and_the_rest_keep_their_order() -> None:
     assert rank(logits).tolist() == [1, 3, 0, 4, 2]
 
 
-def test_a_budget_is_spent_only_when_the_queue_ahead_leaves_time() -> None:
+def test_a_budget_queues_only_the_pairs_it_can_pay_for() -> None:
     budget = Budget(until=10.0)
-    assert budget.affords(9.0, None)  # speed not measured yet: try
-    assert budget.affords(9.0, 0.5)
-    assert not budget.affords(9.0, 1.5)
-    assert not budget.affords(10.0, 0.0)
+    lengths = [20] * 10 + [100] * 10  # buckets of 32 and 128 tokens
+    unmeasured = PairCost()
+    assert budget.affordable(9.0, None, lengths, unmeasured) == 20  # nothing priced yet: try
+    cost = PairCost()
+    cost.observe(32, pairs=10, seconds=0.01)  # 1 ms a short pair
+    cost.observe(128, pairs=10, seconds=0.1)  # 10 ms a long one
+    # 1 s left with no wait: everything (10 ms + 100 ms).
+    assert budget.affordable(9.0, 0.0, lengths, cost) == 20
+    # 0.06 s left, 0.09 s with the headroom: the 10 short pairs and 8 long ones.
+    assert budget.affordable(9.94, 0.0, lengths, cost) == 18
+    # The wait ahead comes off first; a wait past the budget leaves nothing to queue.
+    assert budget.affordable(9.0, 0.94, lengths, cost) == 18
+    assert budget.affordable(9.0, 1.5, lengths, cost) == 0
+    assert budget.affordable(10.0, 0.0, lengths, cost) == 0

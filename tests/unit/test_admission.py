@@ -184,7 +184,6 @@ def test_batch_work_has_its_own_room_and_waits_behind_interactive_work() -> None
     assert full is not None and full.type is ErrorType.QUEUE_FULL and "batch" in full.message
     # A batch request waits for the interactive pairs too (a second per pair here).
     assert full.retry_after_s == BOUND + 1
-    assert admission.ahead_of(batch) == BOUND and admission.ahead_of(interactive) == 0
     sample = metrics.registry.get_sample_value
     assert sample("crossrank_batch_reserved_pairs", {"model": "m"}) == 20
     assert sample("crossrank_reserved_pairs", {"model": "m"}) == BOUND

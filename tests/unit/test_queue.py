@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from crossrank.core.admission import Admission
+from crossrank.core.admission import Admission, Priority
 from crossrank.core.errors import ErrorType, ServiceError
 from crossrank.core.queue import PairQueue
 from crossrank.core.scheduling import BatchLimits
@@ -258,6 +258,8 @@ def test_room_returns_to_zero_after_failure_deadline_and_cancel() -> None:
             parts.engine.gate.set()
             async with asyncio.timeout(5):
                 await parts.admission.wait_empty()
+            # Nothing queued is left in the priced backlog either.
+            assert parts.queue.backlog.wait_seconds(Priority.BATCH) == 0.0
 
     asyncio.run(main())
 

@@ -94,14 +94,6 @@ class Admission:
         """Room held by open permits, of every class."""
         return sum(room.reserved for room in self._rooms.values())
 
-    def ahead_of(self, permit: Permit) -> int:
-        """Pairs that are served before ``permit``'s: the interactive room held, and for a batch
-        permit the batch room too (its own pairs left out)."""
-        ahead = self._rooms[Priority.INTERACTIVE].reserved
-        if permit.priority is Priority.BATCH:
-            ahead += self._rooms[Priority.BATCH].reserved
-        return max(0, ahead - permit.pairs)
-
     def drain(self) -> None:
         """Admit nothing more; what holds a permit is still served."""
         self.draining = True

@@ -66,7 +66,6 @@ class Pipeline:
         default_timeout_ms: int,
         long_passages: LongPassages,
         default_budget_ms: int = 0,
-        wait_ahead: Callable[[Permit], float | None] = lambda permit: None,
         cache: ScoreCache | None = None,
         nice: int = 0,
     ) -> None:
@@ -82,8 +81,6 @@ class Pipeline:
         self._max_passages = max_passages
         self._default_timeout_ms = default_timeout_ms
         self._default_budget_ms = default_budget_ms or None
-        # Seconds the queue ahead of a request's permit would take (None: unknown).
-        self._wait_ahead = wait_ahead
         self.long_passages = long_passages  # the server's defaults
         self._cache = cache
         # Tokenisation runs beside inference: its own thread, so it never queues behind a batch;
@@ -254,19 +251,28 @@ class Pipeline:
         self, permit: Permit, pairs: list[EncodedPair], budget: Budget
     ) -> tuple[np.ndarray, np.ndarray, float, float]:
         """What the queue scores of the pairs, in the order sent, by the budget's end: their
-        logits, which are in, and the seconds queued and in the engine. Nothing is queued when
-        the queue ahead would outlast the budget."""
+        logits, which are in, and the seconds queued and in the engine. Only the pairs the
+        budget can pay for are queued (none when the queue ahead would outlast it)."""
         now = time.monotonic()
-        if not budget.affords(now, self._wait_ahead(permit)):
-            permit.resize(0)
-            return np.zeros(len(pairs), dtype=np.float32), np.zeros(len(pairs), bool), 0.0, 0.0
-        ticket = self._queue.submit(permit, pairs, budget.remaining(now), in_order=True)
+        logits, done = np.zeros(len(pairs), dtype=np.float32), np.zeros(len(pairs), dtype=bool)
+        take = budget.affordable(
+            now,
+            self._queue.backlog.wait_seconds(permit.priority),
+            [p.length for p in pairs],
+            self._queue.backlog.cost,
+        )
+        permit.resize(take)
+        if not take:
+            return logits, done, 0.0, 0.0
+        ticket = self._queue.submit(permit, pairs[:take], budget.remaining(now), in_order=True)
         self._metrics.inflight_requests.inc()
         try:
-            scored, done = await self._queue.wait_within(ticket, budget.remaining(now))
+            logits[:take], done[:take] = await self._queue.wait_within(
+                ticket, budget.remaining(now)
+            )
         finally:
             self._metrics.inflight_requests.dec()
-        return scored, done, *ticket.timings(time.monotonic())
+        return logits, done, *ticket.timings(time.monotonic())
 
     def _ranked(
         self,

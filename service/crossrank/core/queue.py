@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from crossrank.core.admission import Permit, Priority
+from crossrank.core.cost import Backlog
 from crossrank.core.errors import ErrorType, ServiceError, engine_stalled
 from crossrank.core.scheduling import (
     BatchLimits,
@@ -141,6 +142,8 @@ class PairQueue:
         self._entries: dict[int, Entry] = {}
         self._keys = itertools.count()
         self._queued = 0  # pairs queued and not yet dispatched
+        # The same pairs by class and length, priced: the wait ahead of a new request.
+        self.backlog = Backlog(worker.cost)
         self._version = 0  # bumped on every change of the queue
         self._running: _Running | None = None
         self._stall_pending = False
@@ -282,6 +285,7 @@ class PairQueue:
             else:
                 self._entries[command.key] = command
                 self._queued += len(command.pending)
+                self.backlog.add(command.permit.priority, command.lengths)
                 self._changed()
         if self._stall_pending:
             self._stall_pending = False
@@ -304,6 +308,7 @@ class PairQueue:
         for entry, positions in batch.rows:
             taken = set(positions)
             entry.pending = [p for p in entry.pending if p not in taken]
+            self.backlog.remove(entry.permit.priority, [entry.lengths[p] for p in positions])
             if entry.first_dispatch_at is None:
                 entry.first_dispatch_at = now
             m.queue_wait.observe(now - entry.admitted_at)
@@ -349,6 +354,7 @@ class PairQueue:
         if dropped:
             self._metrics.dropped[reason].inc(dropped)
             self._queued -= dropped
+            self.backlog.remove(entry.permit.priority, [entry.lengths[p] for p in entry.pending])
             entry.pending = []
         entry.permit.release()
         if not entry.future.done():

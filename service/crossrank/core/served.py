@@ -242,7 +242,6 @@ class ServedModel:
                 s.long_passages == "chunk", Aggregation(s.chunk_aggregation), s.max_chunks_per_doc
             ),
             default_budget_ms=s.default_budget_ms,
-            wait_ahead=lambda permit: self._drain_seconds(self.admission.ahead_of(permit)),
             cache=cache,
             nice=s.engine_nice,
         )

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from crossrank.core.cost import PairCost
 from crossrank.core.errors import ErrorType, ServiceError
 from crossrank.core.watchdog import WatchdogLimits, expected_seconds, stall_deadline, updated_speed
 from crossrank.model.collate import PaddedBatch
@@ -57,6 +58,7 @@ class Worker:
         self._clock = clock
         self._seconds_per_token: float | None = None
         self._seconds_per_pair: float | None = None
+        self.cost = PairCost()  # a pair's price by its length, from the batches measured
         self._running_since: float | None = None  # the batch in the engine, if any
         self.stalled_since: float | None = None
         self.healthy = True
@@ -137,6 +139,7 @@ class Worker:
         spent = self._clock() - started
         self._seconds_per_token = updated_speed(self._seconds_per_token, spent, batch.padded_tokens)
         self._seconds_per_pair = updated_speed(self._seconds_per_pair, spent, batch.pairs)
+        self.cost.observe(batch.padded_tokens // max(1, batch.pairs), batch.pairs, spent)
         return logits
 
     def drain_seconds(self, pairs: int) -> float | None:

@@ -3,16 +3,23 @@
 
 Its pairs are queued in the order sent (the first stage's best first), and when the budget
 passes its queued pairs are dropped: the answer holds the scored passages first, by score,
-then the unscored ones in the order they were sent. When the queue ahead of it would outlast
-the budget at the engine's recent speed, nothing is queued and the answer comes at once, in
-first-stage order.
+then the unscored ones in the order they were sent. Only the pairs the budget can pay for are
+queued, priced by length (crossrank.core.cost) after the wait for the queue ahead, with
+headroom (OVERCOMMIT); the rest give their room back at once. When the queue ahead of it would
+outlast the budget, nothing is queued and the answer comes at once, in first-stage order.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from crossrank.core.cost import PairCost
 from crossrank.core.errors import InvalidInput
+
+# Queue this many times what the budget is priced to pay for: a price too high would leave
+# unscored pairs the time could have scored, while one too low costs only pairs dropped at
+# the budget's end.
+OVERCOMMIT = 1.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,11 +29,16 @@ class Budget:
     def remaining(self, now: float) -> float:
         return self.until - now
 
-    def affords(self, now: float, wait_s: float | None) -> bool:
-        """Whether anything could be scored in time, given the queue's expected wait ahead
-        (None: not measured yet, so try)."""
-        left = self.remaining(now)
-        return left > 0 and (wait_s is None or wait_s < left)
+    def affordable(
+        self, now: float, wait_s: float | None, lengths: list[int], cost: PairCost
+    ) -> int:
+        """How many of the pairs of ``lengths``, in order, to queue: what the time left after
+        the queue's expected wait ahead pays for (``wait_s`` None: not measured, so all), with
+        OVERCOMMIT headroom; 0 when nothing could be scored in time."""
+        left = self.remaining(now) - (wait_s or 0.0)
+        if left <= 0:
+            return 0
+        return cost.prefix_within(lengths, OVERCOMMIT * left)
 
 
 def budget_for(

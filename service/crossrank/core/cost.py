@@ -1,0 +1,96 @@
+"""What a pair costs the engine, by its length, learnt from measured batches (no clock reads).
+
+A pair's cost is not its token count times a constant: attention grows with the square of the
+length, and a batch of short pairs pays more per token for its fixed overheads. Every batch runs
+at one padded length, so its seconds per pair is the price of a pair of that length. The table
+keeps that price smoothed per power-of-two length bucket (the warm-up runs a full batch of every
+bucket, so each is measured before the first request), and prices a pair from its bucket, or,
+while its bucket is unmeasured, from the nearest measured bucket scaled by length.
+
+The queue (crossrank.core.queue) sums it over its queued pairs: the wait ahead of a budgeted
+request, and how much of that request its budget can pay for (crossrank.features.budget).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+from crossrank.core.admission import Priority
+
+SMALLEST_BUCKET = 16
+
+
+def bucket(length: int) -> int:
+    """The power of two at or above ``length`` (at least SMALLEST_BUCKET)."""
+    size = SMALLEST_BUCKET
+    while size < length:
+        size *= 2
+    return size
+
+
+class PairCost:
+    def __init__(self) -> None:
+        self._seconds: dict[int, float] = {}  # seconds per pair, by bucket
+
+    def observe(self, padded_length: int, pairs: int, seconds: float) -> None:
+        """A batch of ``pairs`` pairs padded to ``padded_length`` took ``seconds``."""
+        key = bucket(padded_length)
+        current = seconds / max(1, pairs)
+        previous = self._seconds.get(key)
+        # Smoothed over recent batches: one slow batch moves the price 20%.
+        self._seconds[key] = current if previous is None else 0.8 * previous + 0.2 * current
+
+    def seconds(self, length: int) -> float | None:
+        """The price of one pair of ``length`` tokens (None before any batch was measured)."""
+        if not self._seconds:
+            return None
+        key = bucket(length)
+        if key in self._seconds:
+            return self._seconds[key]
+        nearest = min(self._seconds, key=lambda measured: abs(measured - key))
+        return self._seconds[nearest] * key / nearest
+
+    def total(self, buckets: Counter[int]) -> float | None:
+        """The price of pairs counted by bucket (None before any batch was measured)."""
+        if not self._seconds:
+            return None
+        return sum(count * (self.seconds(key) or 0.0) for key, count in buckets.items())
+
+    def prefix_within(self, lengths: list[int], seconds: float) -> int:
+        """How many of the pairs of ``lengths``, taken in order, ``seconds`` pays for (all of
+        them before any batch was measured)."""
+        if not self._seconds:
+            return len(lengths)
+        spent = 0.0
+        for taken, length in enumerate(lengths):
+            spent += self.seconds(length) or 0.0
+            if spent > seconds:
+                return taken
+        return len(lengths)
+
+
+class Backlog:
+    """The queued pairs by class and length bucket, priced by ``cost``: the wait ahead."""
+
+    def __init__(self, cost: PairCost) -> None:
+        self.cost = cost
+        self._buckets: dict[Priority, Counter[int]] = {p: Counter() for p in Priority}
+
+    def add(self, priority: Priority, lengths: Iterable[int]) -> None:
+        self._buckets[priority].update(bucket(n) for n in lengths)
+
+    def remove(self, priority: Priority, lengths: Iterable[int]) -> None:
+        buckets = self._buckets[priority]
+        buckets.subtract(bucket(n) for n in lengths)
+        for key in [k for k, n in buckets.items() if n <= 0]:
+            del buckets[key]
+
+    def wait_seconds(self, priority: Priority) -> float | None:
+        """How long the engine takes to score the pairs queued ahead of a new request of
+        ``priority``: interactive ones, and for batch work batch ones too (None before any
+        batch was measured)."""
+        ahead = Counter(self._buckets[Priority.INTERACTIVE])
+        if priority is Priority.BATCH:
+            ahead.update(self._buckets[Priority.BATCH])
+        return self.cost.total(ahead)
