@@ -25,6 +25,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.systems import crossrank
 from bench.workload import Workload
@@ -83,17 +84,21 @@ async def _health(http: aiohttp.ClientSession) -> None:
 
 
 def refusal_buckets(metrics_text: str) -> dict[str, float]:
-    """Share of /rerank 503s within each of crossrank_request_duration_seconds' bounds."""
-    prefix = 'crossrank_request_duration_seconds_bucket{endpoint="/rerank",le="'
-    counts = {}
-    for line in metrics_text.splitlines():
-        if line.startswith(prefix) and 'status="503"' in line:
-            bound = line[len(prefix) :].split('"', 1)[0]
-            counts[bound] = float(line.rsplit(" ", 1)[1])
-    total = counts.pop("+Inf")
-    return {
-        f"{1000 * float(b):g}": round(n / total, 3) for b, n in counts.items() if float(b) <= 0.5
-    }
+    """Share of /rerank 503s within each of crossrank_request_duration_seconds' bounds (summed
+    over the models and priorities)."""
+    counts: dict[float, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            labels = sample.labels
+            if (
+                sample.name == "crossrank_request_duration_seconds_bucket"
+                and labels.get("endpoint") == "/rerank"
+                and labels.get("status") == "503"
+            ):
+                bound = float(labels["le"])
+                counts[bound] = counts.get(bound, 0.0) + sample.value
+    total = counts.pop(float("inf"))
+    return {f"{1000 * b:g}": round(n / total, 3) for b, n in counts.items() if b <= 0.5}
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from support import RunningServer, metric, run_server, wait_for
 
+from crossrank.http.invalid_budget import InvalidBudget
 from crossrank.model.model_dir import ModelDir
 
 KEYS = ("key-zero-0123456789", "key-one-0123456789")
@@ -134,3 +135,52 @@ def test_a_key_flooding_the_server_is_refused_while_another_key_is_served(
             assert first.result()[0].status_code == served.result()[0].status_code == 200
         rejected = 'crossrank_rejected_requests_total{reason="key_over_share"}'
         assert metric(srv, rejected) == 1
+
+
+def test_a_key_that_keeps_sending_invalid_bodies_is_refused_from_its_headers(
+    model_dir: ModelDir,
+) -> None:
+    with run_server(model_dir, api_keys=",".join(KEYS), invalid_per_s=0.5, invalid_burst=3) as srv:
+        srv.wait_ready()
+        noisy, other = ({"Authorization": f"Bearer {key}"} for key in KEYS)
+        invalid = {"query": "q", "passages": ["a", ""]}
+        with srv.client() as c:
+            assert [
+                c.post("/rerank", json=invalid, headers=noisy).status_code for _ in range(3)
+            ] == [422] * 3
+            # Its budget spent: refused before the body is parsed, valid or not, with when to
+            # come back (a token every 2 s).
+            for body in (invalid, {"query": "q", "passages": ["a"]}):
+                refused = c.post("/rerank", json=body, headers=noisy)
+                assert refused.status_code == 429
+                assert refused.json()["error"]["type"] == "too_many_invalid"
+                assert refused.headers["Retry-After"] == "2"
+            # Another key is not touched by it.
+            assert c.post(
+                "/rerank", json={"query": "q", "passages": ["a"]}, headers=other
+            ).is_success
+        refused = 'crossrank_rejected_requests_total{reason="too_many_invalid"}'
+        assert metric(srv, refused) == 2
+
+
+def test_an_invalid_budget_refills_over_time() -> None:
+    now = [0.0]
+    budget = InvalidBudget(per_s=0.5, burst=2, clock=lambda: now[0])
+    assert budget.refusal("key0") is None
+    budget.charge("key0", 200)
+    budget.charge("key0", 503)  # the server's refusals are not the client's mistakes
+    budget.charge("key0", 422)
+    assert budget.refusal("key0") is None
+    budget.charge("key0", 404)
+    refused = budget.refusal("key0")
+    assert refused is not None and refused.retry_after_s == 2
+    now[0] = 1.0
+    assert budget.refusal("key0") is not None and budget.refusal("key0").retry_after_s == 1
+    now[0] = 2.0
+    assert budget.refusal("key0") is None
+    # Without keys, or with the limit off, nothing is refused.
+    budget.charge(None, 422)
+    off = InvalidBudget(per_s=0, burst=1)
+    off.charge("key0", 422)
+    off.charge("key0", 422)
+    assert off.refusal("key0") is None and budget.refusal(None) is None

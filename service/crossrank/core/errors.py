@@ -18,6 +18,7 @@ class ErrorType(StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     QUEUE_FULL = "queue_full"
     KEY_OVER_SHARE = "key_over_share"
+    TOO_MANY_INVALID = "too_many_invalid"
     NOT_READY = "not_ready"
     SHUTTING_DOWN = "shutting_down"
     DEADLINE_EXCEEDED = "deadline_exceeded"

@@ -19,6 +19,7 @@ from crossrank.http.body_limit import BodyLimitMiddleware
 from crossrank.http.context import RequestContextMiddleware
 from crossrank.http.errors import ErrorResponder, http_error, validation_error
 from crossrank.http.gate import AdmissionGateMiddleware
+from crossrank.http.invalid_budget import InvalidBudget
 from crossrank.http.routes import router
 from crossrank.model.engine import OnnxEngine
 from crossrank.model.variant_choice import EngineFactory
@@ -78,6 +79,7 @@ def _add_middleware(
         paths=ENDPOINT_LABELS.keys(),
         service=service,
         max_passages=settings.max_passages,
+        invalid=InvalidBudget(settings.invalid_per_s, settings.invalid_burst),
         respond=respond,
     )
     app.add_middleware(

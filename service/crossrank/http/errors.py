@@ -31,6 +31,7 @@ STATUS: dict[ErrorType, int] = {
     ErrorType.METHOD_NOT_ALLOWED: 405,
     ErrorType.QUEUE_FULL: 503,
     ErrorType.KEY_OVER_SHARE: 429,
+    ErrorType.TOO_MANY_INVALID: 429,
     ErrorType.NOT_READY: 503,
     ErrorType.SHUTTING_DOWN: 503,
     ErrorType.DEADLINE_EXCEEDED: 504,
@@ -44,6 +45,7 @@ RETRYABLE = frozenset(
     {
         ErrorType.QUEUE_FULL,
         ErrorType.KEY_OVER_SHARE,
+        ErrorType.TOO_MANY_INVALID,
         ErrorType.NOT_READY,
         ErrorType.SHUTTING_DOWN,
         ErrorType.ENGINE_STALLED,
@@ -54,6 +56,7 @@ RETRYABLE = frozenset(
 REJECTION = {
     ErrorType.QUEUE_FULL: "queue_full",
     ErrorType.KEY_OVER_SHARE: "key_over_share",
+    ErrorType.TOO_MANY_INVALID: "too_many_invalid",
     ErrorType.NOT_READY: "not_ready",
     ErrorType.SHUTTING_DOWN: "shutting_down",
     ErrorType.ENGINE_STALLED: "engine_stalled",

@@ -5,13 +5,17 @@ It meets a request twice. When its headers arrive, it is refused if no room at a
 the service drains, or its engine stalled). Then the gate reads the body itself, and the moment
 its last byte arrives a fast parse (msgspec, the items left undecoded) counts the passages it
 lists, reads its model and priority, and acquires a permit for them, of that priority and for
-the request's API key (crossrank.core.admission), or refuses it. So a refusal
-costs neither the framework's routing nor the strict parse nor the validation of its body, and
-requests arriving together are admitted in the order their bodies complete, each against the
+the request's API key (crossrank.core.admission), or refuses it. So a refusal costs neither
+the framework's routing nor the strict parse nor the validation of its body, and requests
+arriving together are admitted in the order their bodies complete, each against the
 room the ones before it took. The permit reaches the route in the request's scope
 (:func:`request_permit`), and the route hands it to the pipeline as an argument. A body not
 sent as JSON, or one the fast parse cannot count, goes on without one: the strict parser says
 what is wrong with it, or the pipeline's permit grows from nothing, judged the same way.
+
+Before all that, a key that has spent its budget of invalid requests
+(crossrank.http.invalid_budget) is refused (429) from its headers, and every answer the gate
+passes on is charged to that budget by its status.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from crossrank.core.errors import InvalidInput, ServiceError
 from crossrank.core.served import ServedModel
 from crossrank.core.service import Service
 from crossrank.http.context import record_of
+from crossrank.http.invalid_budget import InvalidBudget
 from crossrank.http.json_body import is_json
 from crossrank.http.schemas import Listed, listed_items
 
@@ -66,18 +71,44 @@ class AdmissionGateMiddleware:
         paths: Collection[str],
         service: Service,
         max_passages: int,
+        invalid: InvalidBudget,
         respond: Callable[[ServiceError, Scope], Response],
     ) -> None:
         self.app = app
         self.paths = frozenset(paths)
         self.service = service
         self.max_passages = max_passages
+        self.invalid = invalid
         self.respond = respond
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
+        record = record_of(scope)
+        tenant = record.tenant if record is not None else None
+        spent = self.invalid.refusal(tenant)
+        if spent is not None:
+            # Its body is never parsed; read first only where the connection closes after the
+            # answer (see below).
+            if not _kept_alive(scope, dict(scope["headers"])):
+                await _Body.read(receive)
+            await self.respond(spent, scope)(scope, receive, send)
+            return
+        status = 0
+
+        async def watched(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._admit(scope, receive, watched)
+        finally:
+            self.invalid.charge(tenant, status)
+
+    async def _admit(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope["headers"])
         error = self.service.admission_refusal() if _kept_alive(scope, headers) else None
         if error is not None:

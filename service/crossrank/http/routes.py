@@ -55,6 +55,7 @@ RERANK_ERRORS = error_responses(
     ErrorType.INTERNAL,
     ErrorType.QUEUE_FULL,
     ErrorType.KEY_OVER_SHARE,
+    ErrorType.TOO_MANY_INVALID,
     ErrorType.NOT_READY,
     ErrorType.SHUTTING_DOWN,
     ErrorType.ENGINE_STALLED,

@@ -52,6 +52,7 @@ DROP_REASONS = ("deadline", "budget", "disconnected", "failed", "stalled")
 REJECT_REASONS = (
     "queue_full",
     "key_over_share",
+    "too_many_invalid",
     "not_ready",
     "shutting_down",
     "engine_stalled",

@@ -246,6 +246,14 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(
         default=None, description="A file of API keys, one per line (e.g. a mounted secret)."
     )
+    invalid_per_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="With API keys: each key's invalid requests (4xx) refill at this rate; a "
+        "key that spends invalid_burst of them is refused (429) from its headers until one "
+        "refills. 0: no limit.",
+    )
+    invalid_burst: int = Field(default=20, ge=1, description="See invalid_per_s.")
     metrics_require_key: bool = Field(
         default=False, description="Ask for a key on /metrics too (it is open by default)."
     )
