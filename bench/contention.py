@@ -26,6 +26,7 @@ import itertools
 import json
 import time
 from collections import Counter
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variant", default="int8")
     parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    parser.add_argument("--server-log", type=Path, help="the server's log (access lines)")
     args = parser.parse_args()
 
     workload = Workload(args.passages, args.queries)
@@ -116,7 +118,7 @@ def main() -> None:
     }
     flags = ["--variant", args.variant, "--api-keys", ",".join(KEYS)]
     results = {}
-    with crossrank(args.model, args.threads, flags) as server:
+    with crossrank(args.model, args.threads, flags, log=args.server_log) as server:
         for name in args.scenarios:
             flood_bodies = floods[name == "keys_invalid"]
             results[name] = asyncio.run(

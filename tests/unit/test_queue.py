@@ -194,7 +194,7 @@ def test_a_dispatched_batch_keeps_its_room_until_the_engine_gives_it_back() -> N
     async def main() -> None:
         async with running(max_queued_pairs=50, max_batch_pairs=10) as parts:
             waiter = await parts.held([pair(10) for _ in range(40)])
-            assert parts.queue.queued_pairs == 30
+            assert parts.sample("crossrank_queue_depth_pairs") == 30
             assert parts.admission.reserved == 40
             with pytest.raises(ServiceError) as refused:
                 parts.admission.acquire(11)

@@ -146,12 +146,9 @@ class PairQueue:
         self.backlog = Backlog(worker.cost)
         self._version = 0  # bumped on every change of the queue
         self._running: _Running | None = None
+        self._last_was_batch = False  # the class of the batch dispatched last
         self._stall_pending = False
         self._task: asyncio.Task[None] | None = None
-
-    @property
-    def queued_pairs(self) -> int:
-        return self._queued
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="pair-queue")
@@ -295,7 +292,7 @@ class PairQueue:
 
     def _prepare(self, now: float) -> _Batch | None:
         views = [e.view() for e in self._entries.values() if e.pending]
-        plan = plan_batch(views, now, self._limits)
+        plan = plan_batch(views, now, self._limits, self._last_was_batch)
         if plan.pairs == 0:
             return None
         rows = [(self._entries[key], positions) for key, positions in plan.take.items()]
@@ -314,6 +311,7 @@ class PairQueue:
             m.queue_wait.observe(now - entry.admitted_at)
             permits.append(entry.permit.split(len(positions)))
         self._queued -= batch.plan.pairs
+        self._last_was_batch = all(e.permit.priority is Priority.BATCH for e, _ in batch.rows)
         padded = batch.padded
         m.batch_pairs.observe(padded.pairs)
         m.batch_padded_tokens.observe(padded.padded_tokens)

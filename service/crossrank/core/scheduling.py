@@ -2,12 +2,14 @@
 
 Two questions are answered here, and only here:
 
-* :func:`plan_batch` — which queued pairs form the next batch. Only the most urgent class takes
-  part: interactive requests, and batch requests that have waited ``batch_aging_s`` (so batch
-  work runs only when no interactive work is queued, delays interactive work by at most the
-  batch running when it arrives, and waits for idle capacity no longer than its aging bound).
+* :func:`plan_batch` — which queued pairs form the next batch. Interactive requests take part
+  while there are any, batch requests when there are none (so batch work delays interactive
+  work by at most the batch running when it arrives), except that batch requests that have
+  waited ``batch_aging_s`` get every other batch (:func:`urgent`): aged batch work advances
+  even under a steady interactive load, which then waits one batch more at most.
   Within the class, the API keys come first whose queued work, discounted by the age of their
-  oldest request, is least (a key flooding the queue is served after a key sending little), and
+  oldest request over ``batch_aging_s``, is least (a key flooding the queue is served after a
+  key sending little), and
   within a key requests are ranked by their remaining work, discounted by age
   (shortest-remaining-first with aging): a 10-passage request that arrives behind a
   1,000-passage one is served in the next batch instead of after all 1,000 pairs, and an old
@@ -76,18 +78,25 @@ def rank_key(view: RequestView, now: float, aging_s: float) -> tuple[float, int]
     return (len(view.pending) / (1.0 + age / aging_s), view.key)
 
 
-def urgent(requests: Sequence[RequestView], now: float, limits: BatchLimits) -> list[RequestView]:
-    """The requests of the most urgent class present: interactive ones and batch ones aged
-    past ``batch_aging_s``; else every (batch) request."""
-    first = [r for r in requests if not r.batch or now - r.admitted_at >= limits.batch_aging_s]
-    return first or list(requests)
+def urgent(
+    requests: Sequence[RequestView], now: float, limits: BatchLimits, last_was_batch: bool
+) -> list[RequestView]:
+    """The requests the next batch is planned from: interactive ones while there are any;
+    batch ones when there are none; and batch ones aged past ``batch_aging_s`` every other batch
+    (after a batch that was not theirs), so aged batch work advances at half the engine at
+    least while interactive work waits one batch more at most."""
+    interactive = [r for r in requests if not r.batch]
+    aged = [r for r in requests if r.batch and now - r.admitted_at >= limits.batch_aging_s]
+    if aged and (not interactive or not last_was_batch):
+        return aged
+    return interactive or list(requests)
 
 
 def key_ranks(
     requests: Sequence[RequestView], now: float, aging_s: float
 ) -> dict[str | None, float]:
     """Each API key's rank (smaller is served sooner): its queued pairs, discounted by the age
-    of its oldest queued request."""
+    of its oldest queued request over ``aging_s``."""
     pending: dict[str | None, int] = {}
     oldest: dict[str | None, float] = {}
     for r in requests:
@@ -140,13 +149,21 @@ def _take_filler(plan: BatchPlan, view: RequestView, limits: BatchLimits) -> Non
         _add(plan, view, position)
 
 
-def plan_batch(requests: Sequence[RequestView], now: float, limits: BatchLimits) -> BatchPlan:
-    """Choose the next batch from the queued requests (see the module docstring)."""
+def plan_batch(
+    requests: Sequence[RequestView],
+    now: float,
+    limits: BatchLimits,
+    last_was_batch: bool = False,
+) -> BatchPlan:
+    """Choose the next batch from the queued requests (see the module docstring);
+    ``last_was_batch``: the batch dispatched before it was of batch work."""
     plan = BatchPlan()
-    live = urgent([r for r in requests if r.pending], now, limits)
+    live = urgent([r for r in requests if r.pending], now, limits, last_was_batch)
     if not live:
         return plan
-    keys = key_ranks(live, now, limits.aging_s)
+    # Keys yield on the slower horizon of batch work: a heavy key's old requests must not
+    # outrank a light key's new one within seconds.
+    keys = key_ranks(live, now, limits.batch_aging_s)
     ranked = sorted(live, key=lambda r: (keys[r.tenant], *rank_key(r, now, limits.aging_s)))
     _take_head(plan, ranked[0], limits)
     for view in ranked[1:]:
