@@ -28,14 +28,22 @@ def test_a_pair_is_priced_by_its_length_bucket() -> None:
 def test_the_backlog_prices_the_work_ahead_of_each_class() -> None:
     cost = PairCost()
     backlog = Backlog(cost)
-    backlog.add(Priority.INTERACTIVE, [40] * 10)
-    backlog.add(Priority.BATCH, [40] * 30)
-    assert backlog.wait_seconds(Priority.INTERACTIVE) is None  # nothing measured yet
+    backlog.add(1, Priority.INTERACTIVE, 100.0, [40] * 10)
+    backlog.add(2, Priority.BATCH, 100.0, [40] * 30)
+    backlog.add(3, Priority.INTERACTIVE, 100.0, [])  # nothing queued: nothing counted
+    assert backlog.wait_seconds(Priority.INTERACTIVE, 0.0) is None  # nothing measured yet
     cost.observe(padded_length=64, pairs=1, seconds=0.01)
     # Interactive work waits for interactive work only; batch work for both.
-    assert backlog.wait_seconds(Priority.INTERACTIVE) == pytest.approx(0.1)
-    assert backlog.wait_seconds(Priority.BATCH) == pytest.approx(0.4)
-    backlog.remove(Priority.INTERACTIVE, [40] * 10)
-    backlog.remove(Priority.BATCH, [40] * 20)
-    assert backlog.wait_seconds(Priority.INTERACTIVE) == 0.0
-    assert backlog.wait_seconds(Priority.BATCH) == pytest.approx(0.1)
+    assert backlog.wait_seconds(Priority.INTERACTIVE, 0.0) == pytest.approx(0.1)
+    assert backlog.wait_seconds(Priority.BATCH, 0.0) == pytest.approx(0.4)
+    # A request ahead counts for no longer than it has left before its deadline.
+    backlog.add(4, Priority.INTERACTIVE, 0.05, [40] * 50)
+    assert backlog.wait_seconds(Priority.INTERACTIVE, 0.0) == pytest.approx(0.15)
+    assert backlog.wait_seconds(Priority.INTERACTIVE, 1.0) == pytest.approx(0.1)
+    # And the whole queue ahead for no longer than its latest deadline.
+    assert backlog.wait_seconds(Priority.INTERACTIVE, 99.95) == pytest.approx(0.05)
+    backlog.discard(4)
+    backlog.remove(1, [40] * 10)
+    backlog.remove(2, [40] * 20)
+    assert backlog.wait_seconds(Priority.INTERACTIVE, 0.0) == 0.0
+    assert backlog.wait_seconds(Priority.BATCH, 0.0) == pytest.approx(0.1)

@@ -259,7 +259,7 @@ def test_room_returns_to_zero_after_failure_deadline_and_cancel() -> None:
             async with asyncio.timeout(5):
                 await parts.admission.wait_empty()
             # Nothing queued is left in the priced backlog either.
-            assert parts.queue.backlog.wait_seconds(Priority.BATCH) == 0.0
+            assert parts.queue.backlog.wait_seconds(Priority.BATCH, 0.0) == 0.0
 
     asyncio.run(main())
 

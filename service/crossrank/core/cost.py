@@ -33,6 +33,10 @@ class PairCost:
     def __init__(self) -> None:
         self._seconds: dict[int, float] = {}  # seconds per pair, by bucket
 
+    @property
+    def measured(self) -> bool:
+        return bool(self._seconds)
+
     def observe(self, padded_length: int, pairs: int, seconds: float) -> None:
         """A batch of ``pairs`` pairs padded to ``padded_length`` took ``seconds``."""
         key = bucket(padded_length)
@@ -71,26 +75,43 @@ class PairCost:
 
 
 class Backlog:
-    """The queued pairs by class and length bucket, priced by ``cost``: the wait ahead."""
+    """The queued requests' pairs by length bucket, priced by ``cost``: the wait ahead of a new
+    request. A request ahead holds the engine no longer than until its deadline (a budget's
+    end drops its queued pairs), so it counts for no more than the time it has left, and the
+    queue ahead for no longer than its latest deadline."""
 
     def __init__(self, cost: PairCost) -> None:
         self.cost = cost
-        self._buckets: dict[Priority, Counter[int]] = {p: Counter() for p in Priority}
+        # request key -> (its priority, its deadline, its queued pairs by bucket)
+        self._requests: dict[int, tuple[Priority, float, Counter[int]]] = {}
 
-    def add(self, priority: Priority, lengths: Iterable[int]) -> None:
-        self._buckets[priority].update(bucket(n) for n in lengths)
+    def add(self, key: int, priority: Priority, deadline: float, lengths: Iterable[int]) -> None:
+        buckets = Counter(bucket(n) for n in lengths)
+        if buckets:
+            self._requests[key] = (priority, deadline, buckets)
 
-    def remove(self, priority: Priority, lengths: Iterable[int]) -> None:
-        buckets = self._buckets[priority]
+    def remove(self, key: int, lengths: Iterable[int]) -> None:
+        """Some of a request's pairs left the queue (dispatched)."""
+        buckets = self._requests[key][2]
         buckets.subtract(bucket(n) for n in lengths)
-        for key in [k for k, n in buckets.items() if n <= 0]:
-            del buckets[key]
+        if buckets.total() <= 0:
+            del self._requests[key]
 
-    def wait_seconds(self, priority: Priority) -> float | None:
-        """How long the engine takes to score the pairs queued ahead of a new request of
-        ``priority``: interactive ones, and for batch work batch ones too (None before any
-        batch was measured)."""
-        ahead = Counter(self._buckets[Priority.INTERACTIVE])
-        if priority is Priority.BATCH:
-            ahead.update(self._buckets[Priority.BATCH])
-        return self.cost.total(ahead)
+    def discard(self, key: int) -> None:
+        """A request left the queue (dropped, failed)."""
+        self._requests.pop(key, None)
+
+    def wait_seconds(self, priority: Priority, now: float) -> float | None:
+        """How long the engine takes on the work queued ahead of a new request of
+        ``priority``: interactive requests, and for batch work batch ones too, each for at most
+        the time it has left, and all of them for no longer than the last of them has left
+        (None before any batch was measured)."""
+        if not self.cost.measured:
+            return None
+        wait = latest = 0.0
+        for ahead, deadline, buckets in self._requests.values():
+            if ahead is Priority.INTERACTIVE or priority is Priority.BATCH:
+                left = max(0.0, deadline - now)
+                wait += min(self.cost.total(buckets) or 0.0, left)
+                latest = max(latest, left)
+        return min(wait, latest)

@@ -257,7 +257,7 @@ class Pipeline:
         logits, done = np.zeros(len(pairs), dtype=np.float32), np.zeros(len(pairs), dtype=bool)
         take = budget.affordable(
             now,
-            self._queue.backlog.wait_seconds(permit.priority),
+            self._queue.backlog.wait_seconds(permit.priority, now),
             [p.length for p in pairs],
             self._queue.backlog.cost,
         )

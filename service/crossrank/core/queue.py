@@ -282,7 +282,9 @@ class PairQueue:
             else:
                 self._entries[command.key] = command
                 self._queued += len(command.pending)
-                self.backlog.add(command.permit.priority, command.lengths)
+                self.backlog.add(
+                    command.key, command.permit.priority, command.deadline, command.lengths
+                )
                 self._changed()
         if self._stall_pending:
             self._stall_pending = False
@@ -305,7 +307,7 @@ class PairQueue:
         for entry, positions in batch.rows:
             taken = set(positions)
             entry.pending = [p for p in entry.pending if p not in taken]
-            self.backlog.remove(entry.permit.priority, [entry.lengths[p] for p in positions])
+            self.backlog.remove(entry.key, [entry.lengths[p] for p in positions])
             if entry.first_dispatch_at is None:
                 entry.first_dispatch_at = now
             m.queue_wait.observe(now - entry.admitted_at)
@@ -349,10 +351,10 @@ class PairQueue:
         if self._entries.pop(entry.key, None) is None:
             return
         dropped = len(entry.pending)
+        self.backlog.discard(entry.key)
         if dropped:
             self._metrics.dropped[reason].inc(dropped)
             self._queued -= dropped
-            self.backlog.remove(entry.permit.priority, [entry.lengths[p] for p in entry.pending])
             entry.pending = []
         entry.permit.release()
         if not entry.future.done():

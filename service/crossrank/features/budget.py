@@ -4,8 +4,8 @@
 Its pairs are queued in the order sent (the first stage's best first), and when the budget
 passes its queued pairs are dropped: the answer holds the scored passages first, by score,
 then the unscored ones in the order they were sent. Only the pairs the budget can pay for are
-queued, priced by length (crossrank.core.cost) after the wait for the queue ahead, with
-headroom (OVERCOMMIT); the rest give their room back at once. When the queue ahead of it would
+queued, priced by length (crossrank.core.cost), with headroom (OVERCOMMIT); the rest give
+their room back at once. When the queue ahead of it would
 outlast the budget, nothing is queued and the answer comes at once, in first-stage order.
 """
 
@@ -32,11 +32,13 @@ class Budget:
     def affordable(
         self, now: float, wait_s: float | None, lengths: list[int], cost: PairCost
     ) -> int:
-        """How many of the pairs of ``lengths``, in order, to queue: what the time left after
-        the queue's expected wait ahead pays for (``wait_s`` None: not measured, so all), with
-        OVERCOMMIT headroom; 0 when nothing could be scored in time."""
-        left = self.remaining(now) - (wait_s or 0.0)
-        if left <= 0:
+        """How many of the pairs of ``lengths``, in order, to queue: what the time left pays
+        for, with OVERCOMMIT headroom; 0 when the queue's expected wait ahead (``wait_s``; None:
+        not measured) would outlast it. The wait is not taken off the time left: the
+        scheduler serves a request with less work left first, so a budgeted request's
+        prefix often goes ahead of the queue that it would otherwise wait for."""
+        left = self.remaining(now)
+        if left <= 0 or (wait_s is not None and wait_s >= left):
             return 0
         return cost.prefix_within(lengths, OVERCOMMIT * left)
 
