@@ -110,6 +110,7 @@ async def running(**kw) -> AsyncIterator[Parts]:
         max_batch_pairs=kw.pop("max_batch_pairs", 16),
         max_wait_s=kw.pop("max_wait_s", 0.0),
         aging_s=2.0,
+        batch_aging_s=kw.pop("batch_aging_s", float("inf")),
     )
     queue = PairQueue(worker, limits, length_sorting=kw.pop("length_sorting", True), metrics=model)
     worker.on_stall = queue.stall
@@ -465,5 +466,29 @@ def test_workers_taking_turns_never_run_two_batches_at_once() -> None:
             assert most == expected_most
             for worker in workers:
                 worker.close()
+
+    asyncio.run(main())
+
+
+def test_aged_batch_work_takes_one_batch_after_each_interactive_request() -> None:
+    async def main() -> None:
+        async with running(max_batch_pairs=4, batch_aging_s=0.001) as parts:
+            parts.engine.gate.clear()
+            # Batch work (token 1) aged at once; the engine holds its first batch.
+            batch_permit = parts.admission.acquire(12, Priority.BATCH)
+            batch = parts.queue.submit(batch_permit, [pair(10, token=1) for _ in range(12)], 30.0)
+            await parts.engine_entered()
+            # Two interactive requests of 8 pairs (tokens 2 and 3) queue behind it.
+            first = parts.start([pair(10, token=2) for _ in range(8)], 30.0)
+            second = parts.start([pair(10, token=3) for _ in range(8)], 30.0)
+            await asyncio.sleep(0.05)
+            parts.engine.gate.set()
+            await first
+            await second
+            await parts.queue.wait(batch)
+            tokens = [int(b.input_ids[0, 0]) for b in parts.engine.batches]
+            # The held batch work, then each interactive request whole, then one batch of the
+            # aged batch work after each, until it is done.
+            assert tokens == [1, 2, 2, 1, 3, 3, 1]
 
     asyncio.run(main())

@@ -128,8 +128,10 @@ def test_batch_work_waits_no_longer_than_its_aging_bound() -> None:
     old_batch = RequestView(0, 0.0, [0, 1], [10, 10], sorted_desc=True, batch=True)
     interactive = view(1, [10] * 100, admitted_at=29.0)
     assert 0 not in plan_batch([old_batch, interactive], 29.9, limits).take
-    # Past the bound it gets the next batch (the one before was interactive).
-    assert plan_batch([old_batch, interactive], 30.0, limits).take == {0: [0, 1]}
+    # Past the bound it gets the next batch once it is its turn (an interactive request was
+    # wholly dispatched since its last batch).
+    assert 0 not in plan_batch([old_batch, interactive], 30.0, limits).take
+    assert plan_batch([old_batch, interactive], 30.0, limits, batch_turn=True).take == {0: [0, 1]}
 
 
 def test_a_key_flooding_the_queue_is_served_after_a_key_sending_little() -> None:
@@ -149,14 +151,12 @@ def test_a_key_flooding_the_queue_is_served_after_a_key_sending_little() -> None
     assert list(plan_batch([*untagged, view(9, [10] * 60, 0.5)], 1.0, LIMITS).take) == [3]
 
 
-def test_aged_batch_work_gets_every_other_batch_under_interactive_load() -> None:
+def test_aged_batch_work_gets_a_batch_per_interactive_request() -> None:
     limits = BatchLimits(1000, 8, 0.005, aging_s=2.0, batch_aging_s=30.0)
     aged = RequestView(0, 0.0, list(range(20)), [10] * 20, sorted_desc=True, batch=True)
     interactive = view(1, [10] * 100, admitted_at=40.0)
-    after_interactive = plan_batch([aged, interactive], 40.0, limits, last_was_batch=False)
-    assert list(after_interactive.take) == [0]
-    after_batch = plan_batch([aged, interactive], 40.0, limits, last_was_batch=True)
-    assert list(after_batch.take) == [1]
-    # Not yet aged: interactive work only, whatever came before.
+    assert list(plan_batch([aged, interactive], 40.0, limits, batch_turn=True).take) == [0]
+    assert list(plan_batch([aged, interactive], 40.0, limits, batch_turn=False).take) == [1]
+    # Not yet aged: interactive work only, whoever's turn it is.
     young = RequestView(0, 20.0, list(range(20)), [10] * 20, sorted_desc=True, batch=True)
-    assert list(plan_batch([young, interactive], 40.0, limits).take) == [1]
+    assert list(plan_batch([young, interactive], 40.0, limits, batch_turn=True).take) == [1]

@@ -37,6 +37,7 @@ from crossrank.core.scheduling import (
     BatchPlan,
     RequestView,
     dispatch_delay,
+    next_batch_turn,
     plan_batch,
 )
 from crossrank.core.worker import Worker
@@ -146,7 +147,7 @@ class PairQueue:
         self.backlog = Backlog(worker.cost)
         self._version = 0  # bumped on every change of the queue
         self._running: _Running | None = None
-        self._last_was_batch = False  # the class of the batch dispatched last
+        self._batch_turn = False  # aged batch work may have the next batch (next_batch_turn)
         self._stall_pending = False
         self._task: asyncio.Task[None] | None = None
 
@@ -294,7 +295,7 @@ class PairQueue:
 
     def _prepare(self, now: float) -> _Batch | None:
         views = [e.view() for e in self._entries.values() if e.pending]
-        plan = plan_batch(views, now, self._limits, self._last_was_batch)
+        plan = plan_batch(views, now, self._limits, self._batch_turn)
         if plan.pairs == 0:
             return None
         rows = [(self._entries[key], positions) for key, positions in plan.take.items()]
@@ -313,7 +314,8 @@ class PairQueue:
             m.queue_wait.observe(now - entry.admitted_at)
             permits.append(entry.permit.split(len(positions)))
         self._queued -= batch.plan.pairs
-        self._last_was_batch = all(e.permit.priority is Priority.BATCH for e, _ in batch.rows)
+        done = [(e.permit.priority is Priority.BATCH, not e.pending) for e, _ in batch.rows]
+        self._batch_turn = next_batch_turn(self._batch_turn, done)
         padded = batch.padded
         m.batch_pairs.observe(padded.pairs)
         m.batch_padded_tokens.observe(padded.padded_tokens)

@@ -5,8 +5,9 @@ Two questions are answered here, and only here:
 * :func:`plan_batch` — which queued pairs form the next batch. Interactive requests take part
   while there are any, batch requests when there are none (so batch work delays interactive
   work by at most the batch running when it arrives), except that batch requests that have
-  waited ``batch_aging_s`` get every other batch (:func:`urgent`): aged batch work advances
-  even under a steady interactive load, which then waits one batch more at most.
+  waited ``batch_aging_s`` get one batch after each interactive request (:func:`urgent`): aged
+  batch work advances even under a steady interactive load, and an interactive request waits
+  for one such batch at most.
   Within the class, the API keys come first whose queued work, discounted by the age of their
   oldest request over ``batch_aging_s``, is least (a key flooding the queue is served after a
   key sending little), and
@@ -79,17 +80,27 @@ def rank_key(view: RequestView, now: float, aging_s: float) -> tuple[float, int]
 
 
 def urgent(
-    requests: Sequence[RequestView], now: float, limits: BatchLimits, last_was_batch: bool
+    requests: Sequence[RequestView], now: float, limits: BatchLimits, batch_turn: bool
 ) -> list[RequestView]:
     """The requests the next batch is planned from: interactive ones while there are any;
-    batch ones when there are none; and batch ones aged past ``batch_aging_s`` every other batch
-    (after a batch that was not theirs), so aged batch work advances at half the engine at
-    least while interactive work waits one batch more at most."""
+    batch ones when there are none; and batch ones aged past ``batch_aging_s`` when it is their
+    turn (``batch_turn``: an interactive request has been wholly dispatched since their last
+    batch), so aged batch work advances by a batch per interactive request at least, and an
+    interactive request waits for one such batch at most."""
     interactive = [r for r in requests if not r.batch]
     aged = [r for r in requests if r.batch and now - r.admitted_at >= limits.batch_aging_s]
-    if aged and (not interactive or not last_was_batch):
+    if aged and (not interactive or batch_turn):
         return aged
     return interactive or list(requests)
+
+
+def next_batch_turn(turn: bool, rows: Sequence[tuple[bool, bool]]) -> bool:
+    """Whether aged batch work may have the batch after one whose requests were ``rows``
+    (each: batch priority?, wholly dispatched now?): not right after a batch of its own; yes
+    once an interactive request has been wholly dispatched."""
+    if all(batch for batch, _ in rows):
+        return False
+    return turn or any(not batch and whole for batch, whole in rows)
 
 
 def key_ranks(
@@ -153,12 +164,12 @@ def plan_batch(
     requests: Sequence[RequestView],
     now: float,
     limits: BatchLimits,
-    last_was_batch: bool = False,
+    batch_turn: bool = False,
 ) -> BatchPlan:
     """Choose the next batch from the queued requests (see the module docstring);
-    ``last_was_batch``: the batch dispatched before it was of batch work."""
+    ``batch_turn``: aged batch work may have this batch (:func:`urgent`)."""
     plan = BatchPlan()
-    live = urgent([r for r in requests if r.pending], now, limits, last_was_batch)
+    live = urgent([r for r in requests if r.pending], now, limits, batch_turn)
     if not live:
         return plan
     # Keys yield on the slower horizon of batch work: a heavy key's old requests must not

@@ -177,8 +177,8 @@ class Settings(BaseSettings):
     batch_aging_s: float = Field(
         default=30.0,
         gt=0,
-        description="Batch-priority work queued this long is served as interactive: idle "
-        "capacity comes first, but no batch request waits much longer than this for it.",
+        description="Batch-priority work runs on idle capacity; once queued this long it also "
+        "gets one batch after each interactive request, so it cannot starve.",
     )
     length_sorting: bool = Field(
         default=True, description="Sort each request's pairs by length before batching."
