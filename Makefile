@@ -50,6 +50,8 @@ deploy-tools:
 	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
 	command -v shellcheck >/dev/null || missing="$$missing shellcheck"; \
+	command -v haproxy >/dev/null || missing="$$missing haproxy"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
 	command -v kubectl >/dev/null || command -v kustomize >/dev/null || missing="$$missing kubectl"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

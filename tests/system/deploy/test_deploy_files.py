@@ -239,7 +239,7 @@ def test_dashboard_follows_grafana_conventions() -> None:
                 assert 'model=~"$model"' in selector, (panel["title"], selector)
 
 
-@pytest.mark.parametrize("script", sorted((ROOT / "deploy").glob("*.sh")), ids=lambda p: p.name)
+@pytest.mark.parametrize("script", sorted((ROOT / "deploy").rglob("*.sh")), ids=lambda p: p.name)
 def test_deploy_scripts_are_shellcheck_clean(script: Path) -> None:
     result = run(tool("shellcheck"), script)
     assert result.returncode == 0, result.stdout + result.stderr
