@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +23,7 @@ from crossrank.http.gate import AdmissionGateMiddleware
 from crossrank.http.invalid_budget import InvalidBudget
 from crossrank.http.routes import router
 from crossrank.model.engine import OnnxEngine
+from crossrank.model.fault import stalling
 from crossrank.model.variant_choice import EngineFactory
 from crossrank.ops.metrics import Metrics
 from crossrank.ops.settings import Settings
@@ -31,6 +33,9 @@ ENDPOINT_LABELS = {"/rerank": "/rerank", "/v1/rerank": "/v1/rerank", "/v2/rerank
 
 
 def create_app(settings: Settings, engine_factory: EngineFactory = OnnxEngine) -> FastAPI:
+    if settings.test_stall_file:
+        stall = settings.test_stall_file.replace("{port}", str(settings.port))
+        engine_factory = stalling(engine_factory, Path(stall))
     metrics = Metrics()
     service = Service(settings, metrics, engine_factory)
     respond = ErrorResponder(metrics, settings.retry_after_s, settings.retry_after_max_s)

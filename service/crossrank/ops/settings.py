@@ -235,6 +235,11 @@ class Settings(BaseSettings):
     access_log: bool = Field(
         default=True, description="One line per request: id, route, status, sizes, timings."
     )
+    test_stall_file: str = Field(
+        default="",
+        description="Tests only (crossrank.model.fault): while this file exists, every batch "
+        "waits, as a hung engine would; '{port}' in it is replaced by the server's port.",
+    )
 
     # Access.
     api_keys: str = Field(
