@@ -169,10 +169,7 @@ class Settings(BaseSettings):
         "overflow it is refused (503) before any work.",
     )
     max_batch_queued_pairs: int = Field(
-        default=4000,
-        ge=1,
-        description="Room for batch-priority pairs, apart from max_queued_pairs: batch work "
-        "never takes the room interactive work needs.",
+        default=4000, ge=1, description="Room for batch-priority pairs, apart from the above."
     )
     batch_aging_s: float = Field(
         default=30.0,
@@ -235,11 +232,8 @@ class Settings(BaseSettings):
     access_log: bool = Field(
         default=True, description="One line per request: id, route, status, sizes, timings."
     )
-    test_stall_file: str = Field(
-        default="",
-        description="Tests only (crossrank.model.fault): while this file exists, every batch "
-        "waits, as a hung engine would; '{port}' in it is replaced by the server's port.",
-    )
+    # Tests only (crossrank.model.fault): batches hang while it exists; {port} = this port.
+    test_stall_file: str = ""
 
     # Access.
     api_keys: str = Field(
