@@ -5,10 +5,12 @@ conventions."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -141,7 +143,9 @@ def compose_config(*files: Path) -> dict:
 def test_compose_is_valid_and_wires_the_stack() -> None:
     config = compose_config(COMPOSE)
     services = config["services"]
-    assert set(services) == {"crossrank", "prometheus", "grafana"}
+    assert set(services) == {"crossrank", "prometheus", "grafana", "balancer"}
+    # The balancer only with the fleet profile (docker-compose 1.x lists it either way).
+    assert services["balancer"]["profiles"] == ["fleet"]
     crossrank = services["crossrank"]
     # The grace period covers the drain (the service's own bound on it, which covers the longest
     # default deadline) plus a margin to exit.
@@ -151,7 +155,10 @@ def test_compose_is_valid_and_wires_the_stack() -> None:
     assert {p["target"] for p in crossrank["ports"]} == {8080}
     scrape = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
     (job,) = scrape["scrape_configs"]
-    assert job["static_configs"][0]["targets"] == ["crossrank:8080"]
+    # Every replica by DNS, each its own instance (one, or N with --scale).
+    assert job["dns_sd_configs"] == [
+        {"names": ["crossrank"], "type": "A", "port": 8080, "refresh_interval": "10s"}
+    ]
     # docker-compose 1.x prints volumes as "source:target:mode".
     volumes = {v.split(":")[1]: v.split(":")[0] for v in services["grafana"]["volumes"]}
     assert Path(volumes["/var/lib/grafana/dashboards"]) == DASHBOARD.parent
@@ -160,6 +167,34 @@ def test_compose_is_valid_and_wires_the_stack() -> None:
     assert grafana_env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
     home = grafana_env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == f"/var/lib/grafana/dashboards/{DASHBOARD.name}"
+
+
+def test_compose_fleet_profile_puts_the_fleet_balancer_before_scalable_replicas() -> None:
+    args = ["-f", COMPOSE, "--profile", "fleet"]
+    result = run(tool("docker-compose"), *args, "config")
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    # No single host port on the replicas: --scale gives each one of the range.
+    (port,) = services["crossrank"]["ports"]
+    assert port["target"] == 8080 and port["published"] == "8080-8089"
+    balancer = services["balancer"]
+    volumes = {v.split(":")[1]: v.split(":")[0] for v in balancer["volumes"]}
+    assert Path(volumes["/etc/fleet"]) == ROOT / "deploy" / "fleet"
+    # The config it assembles is HAProxy-valid: run.sh's, with the servers compose's DNS knows.
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        missing_tool("haproxy is not installed (make deploy-tools installs Debian's)")
+    with tempfile.TemporaryDirectory() as folder:
+        config = Path(folder) / "haproxy.cfg"
+        fleet = ROOT / "deploy" / "fleet"
+        config.write_text(
+            (fleet / "haproxy.cfg").read_text() + (fleet / "compose-servers.cfg").read_text()
+        )
+        env = {**os.environ, **balancer["environment"]}
+        check = subprocess.run(
+            [haproxy, "-c", "-f", str(config)], env=env, capture_output=True, text=True
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_compose_gpu_override_reserves_a_gpu_for_the_gpu_image() -> None:

@@ -100,6 +100,7 @@ def adapted_config(target: str, folder: Path) -> Path:
     """The shipped prometheus.yml with only its crossrank target changed, beside its rules."""
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "crossrank"]
+    job.pop("dns_sd_configs")
     job["static_configs"] = [{"targets": [target]}]
     for rule_file in config["rule_files"]:
         shutil.copy(DEPLOY / "prometheus" / rule_file, folder / rule_file)
