@@ -83,8 +83,7 @@ class Pipeline:
         self._default_budget_ms = default_budget_ms or None
         self.long_passages = long_passages  # the server's defaults
         self._cache = cache
-        # Tokenisation runs beside inference: its own thread, so it never queues behind a batch;
-        # like inference, it yields the CPU to the event loop (``nice``, crossrank.ops.priority).
+        # Tokenise on a thread of its own, yielding the CPU as inference does (ops.priority).
         self._pool = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="crossrank-tokenize",
@@ -110,7 +109,7 @@ class Pipeline:
             budget_ms = min(self._default_budget_ms, timeout_ms)
         budget = budget_for(budget_ms, timeout_ms, long.chunk, arrived)
         permit.resize(self._bound(request, long))
-        encoded, tokenize_s = await self._tokenize(request, long)
+        encoded, tokenize_s = await self._tokenize(request, long, trace)
         trace.passages, trace.tokens = len(request.passages), encoded.tokens
         trace.tokenize_ms = 1000 * tokenize_s
         self._check_pairs(request, encoded, permit.pairs)
@@ -119,6 +118,7 @@ class Pipeline:
         known = np.ones(len(logits), dtype=bool)
         if missing:
             pairs = [encoded.pairs[i] for i in missing]
+            trace.queue_at = time.monotonic()
             if budget is None:
                 deadline = arrived + timeout_ms / 1000
                 scored, queue_s, inference_s = await self._infer(permit, pairs, deadline)
@@ -184,10 +184,10 @@ class Pipeline:
         )
 
     async def _tokenize(
-        self, request: ScoreRequest, long: LongPassages
+        self, request: ScoreRequest, long: LongPassages, trace: Trace
     ) -> tuple[EncodedRequest, float]:
         call = self._tokenizer_call(request, long)
-        started = time.monotonic()
+        started = trace.tokenize_at = time.monotonic()
         try:
             encoded = await asyncio.get_running_loop().run_in_executor(self._pool, call)
         except QueryTooLongError as exc:

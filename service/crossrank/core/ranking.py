@@ -21,6 +21,9 @@ class Trace:
     tokenize_ms: float | None = None
     queue_ms: float | None = None
     inference_ms: float | None = None
+    # When tokenisation and queueing began (monotonic seconds): the spans of a trace.
+    tokenize_at: float | None = None
+    queue_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

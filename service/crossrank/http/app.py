@@ -22,6 +22,7 @@ from crossrank.http.errors import ErrorResponder, http_error, validation_error
 from crossrank.http.gate import AdmissionGateMiddleware
 from crossrank.http.invalid_budget import InvalidBudget
 from crossrank.http.routes import router
+from crossrank.http.tracing import Tracing, traces_endpoint
 from crossrank.model.engine import OnnxEngine
 from crossrank.model.fault import stalling
 from crossrank.model.variant_choice import EngineFactory
@@ -39,12 +40,16 @@ def create_app(settings: Settings, engine_factory: EngineFactory = OnnxEngine) -
     metrics = Metrics()
     service = Service(settings, metrics, engine_factory)
     respond = ErrorResponder(metrics, settings.retry_after_s, settings.retry_after_max_s)
+    endpoint = traces_endpoint(settings.otlp_endpoint)
+    tracing = None if endpoint is None else Tracing(endpoint)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.start()
         yield
         await service.stop()
+        if tracing is not None:
+            tracing.shutdown()
 
     app = FastAPI(
         title="crossrank",
@@ -67,7 +72,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = OnnxEngine) -
     async def _http_error(request: Request, exc: HTTPException) -> Response:
         return respond(http_error(exc), request.scope)
 
-    _add_middleware(app, settings, service, metrics, respond)
+    _add_middleware(app, settings, service, metrics, respond, tracing)
     return app
 
 
@@ -77,6 +82,7 @@ def _add_middleware(
     service: Service,
     metrics: Metrics,
     respond: ErrorResponder,
+    tracing: Tracing | None,
 ) -> None:
     # Innermost: a request is authenticated and its declared size checked before admission.
     app.add_middleware(
@@ -110,4 +116,5 @@ def _add_middleware(
         endpoints=ENDPOINT_LABELS,
         metrics=metrics,
         respond=respond,
+        tracing=tracing,
     )

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from starlette.datastructures import MutableHeaders
 from starlette.responses import Response
@@ -22,6 +23,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from crossrank.core.errors import ErrorType, ServiceError
 from crossrank.core.ranking import Trace
 from crossrank.ops.logs import current_request_id
+
+if TYPE_CHECKING:
+    from crossrank.http.tracing import Tracing
 from crossrank.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,7 @@ class RequestRecord:
     # Which API key sent it (its position among the keys, never the key): admission's fair
     # share is per key.
     tenant: str | None = None
+    admitted_at: float | None = None  # when the gate acquired its room (monotonic)
 
 
 def request_id(sent: bytes | None) -> str:
@@ -74,12 +79,14 @@ class RequestContextMiddleware:
         endpoints: dict[str, str],
         metrics: Metrics,
         respond: Callable[[ServiceError, Scope], Response],
+        tracing: Tracing | None = None,
     ) -> None:
         self.app = app
         self.access = access
         self.endpoints = endpoints  # path -> endpoint label of the duration metric
         self.metrics = metrics
         self.respond = respond
+        self.tracing = tracing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -107,7 +114,10 @@ class RequestContextMiddleware:
             error = ServiceError(ErrorType.INTERNAL, f"internal error (request id {record.id})")
             await self.respond(error, scope)(scope, receive, send_with_id)
         finally:
-            self._observe(scope, record, status, time.monotonic() - started)
+            ended = time.monotonic()
+            self._observe(scope, record, status, ended - started)
+            if self.tracing is not None and scope["path"] in self.endpoints:
+                self.tracing.record(scope, record, status or 500, started, ended)
             current_request_id.reset(token)
 
     def _observe(self, scope: Scope, record: RequestRecord, status: int, seconds: float) -> None:

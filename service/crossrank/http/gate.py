@@ -20,6 +20,7 @@ passes on is charged to that budget by its status.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection
 
 from starlette.exceptions import HTTPException
@@ -139,6 +140,8 @@ class AdmissionGateMiddleware:
             record.model, record.priority, tenant = served.name, priority, record.tenant
         try:
             permit = served.admission.acquire(listed.items, priority, tenant)
+            if record is not None:
+                record.admitted_at = time.monotonic()
         except ServiceError as refused:
             await self.respond(refused, scope)(scope, receive, send)
             return

@@ -232,6 +232,7 @@ class Settings(BaseSettings):
     access_log: bool = Field(
         default=True, description="One line per request: id, route, status, sizes, timings."
     )
+    otlp_endpoint: str = Field(default="", description="OTLP/HTTP base URL for traces (off).")
     # Tests only (crossrank.model.fault): batches hang while it exists; {port} = this port.
     test_stall_file: str = ""
 
