@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 from crossrank.core.admission import Priority
+from crossrank.core.watchdog import updated_speed
 
 SMALLEST_BUCKET = 16
 
@@ -40,10 +41,8 @@ class PairCost:
     def observe(self, padded_length: int, pairs: int, seconds: float) -> None:
         """A batch of ``pairs`` pairs padded to ``padded_length`` took ``seconds``."""
         key = bucket(padded_length)
-        current = seconds / max(1, pairs)
-        previous = self._seconds.get(key)
-        # Smoothed over recent batches: one slow batch moves the price 20%.
-        self._seconds[key] = current if previous is None else 0.8 * previous + 0.2 * current
+        # Smoothed as the worker's speed is: one slow batch moves the price 20%.
+        self._seconds[key] = updated_speed(self._seconds.get(key), seconds, pairs)
 
     def seconds(self, length: int) -> float | None:
         """The price of one pair of ``length`` tokens (None before any batch was measured)."""
