@@ -61,11 +61,12 @@ deploy-tools:
 	    || echo "deploy-tools: could not install$$missing; their tests will fail"; \
 	else echo "deploy-tools: not root or no apt-get; missing$$missing: their tests will skip"; fi
 
-# The images' pinned serving dependencies (no torch), resolved in a clean venv.
+# The images' pinned serving dependencies (no torch; the otel extra, so that an image can
+# export traces), resolved in a clean venv.
 lock:
 	rm -rf build/lock-venv
 	$(PYTHON) -m venv build/lock-venv
-	build/lock-venv/bin/pip install --quiet . onnxruntime==$(ORT_VERSION)
+	build/lock-venv/bin/pip install --quiet '.[otel]' onnxruntime==$(ORT_VERSION)
 	{ echo "# The container images' serving dependencies, pinned: written by \`make lock\`."; \
 	  build/lock-venv/bin/pip freeze --exclude crossrank; } > deploy/requirements-serve.txt
 	rm -rf build/lock-venv

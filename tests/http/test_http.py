@@ -200,6 +200,21 @@ def test_cohere_compatible_endpoint(server: RunningServer) -> None:
     assert bad.json()["error"]["field"] == "documents[1]"
 
 
+def test_the_openapi_documents_one_error_body_clients_can_read(server: RunningServer) -> None:
+    with server.client() as c:
+        spec = c.get("/openapi.json").json()
+        sent = c.post("/rerank", json={"query": "", "passages": ["a"]}).json()
+    body = spec["components"]["schemas"]["ErrorBody"]
+    assert {"error", "message", "detail"} <= set(body["required"])
+    # What is documented is what is sent.
+    assert set(sent) == set(body["properties"])
+    assert sent["message"] == sent["detail"] == sent["error"]["message"]
+    rerank = spec["paths"]["/rerank"]["post"]["responses"]
+    for status in ("422", "503"):
+        schema = rerank[status]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/ErrorBody"}
+
+
 def test_health_docs_and_unknown_routes(server: RunningServer) -> None:
     with server.client() as c:
         assert c.get("/health").json() == {"status": "ok"}

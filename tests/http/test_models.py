@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 from support import RunningServer, build_model_dir, metric, run_server, wait_for
 
 from crossrank.core.errors import ErrorType
@@ -39,7 +40,13 @@ def two(model_dir: ModelDir, other_model: ModelDir, tmp_path_factory) -> Iterato
         tmp_path_factory.mktemp("catalog"),
         [
             {"path": str(model_dir.path), "name": "alpha", "aliases": ["rerank-v3.5"]},
-            {"path": str(other_model.path), "name": "beta", "default": True},
+            # Its own admission bound, to see a per-model setting take effect.
+            {
+                "path": str(other_model.path),
+                "name": "beta",
+                "default": True,
+                "max_queued_pairs": 3000,
+            },
         ],
     )
     with run_server(model_dir, model=[], models_file=listing) as srv:
@@ -112,7 +119,8 @@ def test_metrics_are_per_model(two: RunningServer) -> None:
     scores(two, "alpha")
     assert metric(two, 'crossrank_pairs_total{model="alpha"}') == before["alpha"] + 4
     assert metric(two, 'crossrank_pairs_total{model="beta"}') == before["beta"]
-    assert metric(two, 'crossrank_queue_capacity_pairs{model="beta"}') > 0
+    assert metric(two, 'crossrank_queue_capacity_pairs{model="alpha"}') == 4000  # the server's
+    assert metric(two, 'crossrank_queue_capacity_pairs{model="beta"}') == 3000  # its own
     ok = 'crossrank_request_duration_seconds_count{endpoint="/rerank",status="200",model="alpha"}'
     assert metric(two, ok) >= 1
 
@@ -176,6 +184,18 @@ def test_a_bad_catalog_is_refused_naming_the_culprit(
     settings = Settings(model=entries(model_dir.path, other_model.path))
     with pytest.raises(ModelConfigError, match=culprit):
         catalog(settings)
+
+
+def test_models_come_from_crossrank_models_too(
+    model_dir: ModelDir, other_model: ModelDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CROSSRANK_MODEL", raising=False)
+    monkeypatch.setenv("CROSSRANK_MODELS", f"a={model_dir.path}, b={other_model.path}")
+    assert [entry.name for entry in catalog(Settings())] == ["a", "b"]
+    # Both set: one list would be dropped without a word, so the settings are refused.
+    monkeypatch.setenv("CROSSRANK_MODEL", str(model_dir.path))
+    with pytest.raises(ValidationError, match="CROSSRANK_MODEL and CROSSRANK_MODELS"):
+        Settings()
 
 
 def test_a_bad_models_file_is_refused_naming_the_culprit(

@@ -78,6 +78,12 @@ def test_a_request_is_one_span_with_a_child_per_step_under_the_clients_trace(
         # Each step lies within the request, and they come in order.
         assert root.start_time_unix_nano <= child.start_time_unix_nano
         assert child.start_time_unix_nano <= child.end_time_unix_nano <= root.end_time_unix_nano
+    inference = {a.key: a.value for a in by_name["inference"].attributes}
+    assert inference["crossrank.model"].string_value == "tiny-test-bert"
+    assert inference["crossrank.batches"].int_value == 1  # three pairs fit one batch
+    # Its three rows, each padded to the batch's longest: a multiple of 3, at least the real.
+    padded = inference["crossrank.padded_tokens"].int_value
+    assert padded % 3 == 0 and padded >= attributes["crossrank.tokens"].int_value
     steps = [by_name[n] for n in ("tokenisation", "queue", "inference")]
     assert all(
         a.end_time_unix_nano <= b.start_time_unix_nano + 1_000_000

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +40,27 @@ def test_invalid_settings_are_reported(capsys, model_dir: ModelDir) -> None:
     )
     assert code == 2
     assert "max_queued_pairs" in capsys.readouterr().err
+
+
+def test_serve_with_a_broken_onnx_file_refuses_to_start_naming_it(
+    model_dir: ModelDir, tmp_path: Path
+) -> None:
+    # The directory passes the catalog's checks (crossrank.json, tokenizer.json); the graph
+    # only fails when the engine loads it, which must still stop the server, not serve nothing.
+    broken = tmp_path / "broken-model"
+    shutil.copytree(model_dir.path, broken)
+    graphs = sorted(broken.glob("*.onnx"))
+    assert graphs
+    for graph in graphs:
+        graph.write_bytes(b"not an onnx graph")
+    command = [sys.executable, "-m", "crossrank.cli", "serve", "--model", str(broken)]
+    env = {**os.environ, "CROSSRANK_PORT": str(free_port()), "CROSSRANK_THREADS": "1"}
+    result = subprocess.run(
+        [*command, "--host", "127.0.0.1"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert any(graph.name in output for graph in graphs), output[-2000:]
 
 
 def serve_once(model_dir: ModelDir, *flags: str, **env: str) -> str:

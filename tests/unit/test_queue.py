@@ -86,6 +86,14 @@ class Parts:
         for _ in range(batches):
             await asyncio.to_thread(self.engine.entered.acquire, True, 10)
 
+    async def queued(self, pairs: int) -> None:
+        """Until the queue task has taken in requests holding ``pairs`` undispatched pairs."""
+        for _ in range(10_000):
+            if self.sample("crossrank_queue_depth_pairs") == pairs:
+                return
+            await asyncio.sleep(0)
+        raise AssertionError(f"the queue never held {pairs} pairs")
+
     def sample(self, name: str, **labels: str) -> float:
         value = self.metrics.registry.get_sample_value(name, {**labels, "model": "m"})
         return 0.0 if value is None else value
@@ -354,7 +362,8 @@ def test_drain_refuses_new_work_and_finishes_admitted() -> None:
             with pytest.raises(ServiceError) as refused:
                 parts.admission.acquire(1)
             assert refused.value.type is ErrorType.SHUTTING_DOWN
-            await asyncio.sleep(0.01)
+            for _ in range(100):  # turns for the waiter: it must still wait on the engine
+                await asyncio.sleep(0)
             assert not emptied.done()
             parts.engine.gate.set()
             assert len(await waiter) == 6
@@ -363,11 +372,26 @@ def test_drain_refuses_new_work_and_finishes_admitted() -> None:
     asyncio.run(main())
 
 
+def test_a_request_knows_the_batches_its_pairs_went_in_and_their_padding() -> None:
+    async def main() -> None:
+        async with running(max_batch_pairs=2) as parts:
+            permit = parts.admission.acquire(5)
+            pairs = [pair(n) for n in (5, 3, 5, 4, 2)]
+            ticket = parts.queue.submit(permit, pairs, 5.0)
+            await parts.queue.wait(ticket)
+            queued = ticket.queued(time.monotonic())
+            # Longest first, two a batch: (5, 5), (4, 3), (2) -> 2 x 5 + 2 x 4 + 1 x 2 padded.
+            assert (queued.batches, queued.padded_tokens) == (3, 20)
+            assert queued.queue_s >= 0 and queued.inference_s > 0
+
+    asyncio.run(main())
+
+
 def test_max_wait_merges_requests_arriving_close_together() -> None:
     async def main() -> None:
         async with running(max_wait_s=0.2, max_batch_pairs=16, max_batch_tokens=10_000) as parts:
             a = parts.start([pair(5, token=1) for _ in range(3)])
-            await asyncio.sleep(0.01)
+            await parts.queued(3)  # a waits for the batch to fill
             b = parts.start([pair(5, token=2) for _ in range(3)])
             await asyncio.gather(a, b)
             assert [x.pairs for x in parts.engine.batches] == [6]
@@ -481,7 +505,7 @@ def test_aged_batch_work_takes_one_batch_after_each_interactive_request() -> Non
             # Two interactive requests of 8 pairs (tokens 2 and 3) queue behind it.
             first = parts.start([pair(10, token=2) for _ in range(8)], 30.0)
             second = parts.start([pair(10, token=3) for _ in range(8)], 30.0)
-            await asyncio.sleep(0.05)
+            await parts.queued(8 + 16)  # the batch work's rest and both interactive requests
             parts.engine.gate.set()
             await first
             await second

@@ -29,7 +29,7 @@ def test_budget_counts_padding() -> None:
     plan = plan_batch([view(0, [100, 300, 200, 250, 50])], 0.0, LIMITS)
     assert plan.take == {0: [1, 3, 2]}
     assert plan.padded_length == 300
-    assert plan.padded_tokens == 900
+    assert plan.padded_length * plan.pairs == 900
     assert plan.full
 
 
@@ -110,7 +110,7 @@ def test_unsorted_fillers_skip_pairs_that_do_not_fit() -> None:
     other = view(1, [100, 500, 100, 100, 100], admitted_at=1.0, sort=False)
     plan = plan_batch([head, other], 1.0, limits)
     assert plan.take[1] == [0, 2, 3, 4]
-    assert plan.padded_tokens == 500
+    assert plan.padded_length * plan.pairs == 500
 
 
 def test_interactive_work_goes_before_batch_work_whatever_its_size() -> None:

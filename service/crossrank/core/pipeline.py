@@ -17,7 +17,7 @@ import numpy as np
 
 from crossrank.core.admission import Permit
 from crossrank.core.errors import ErrorType, InvalidInput, ServiceError
-from crossrank.core.queue import PairQueue
+from crossrank.core.queue import PairQueue, Queued
 from crossrank.core.ranking import Ranked, ScoreScale, Trace, rank
 from crossrank.features.budget import Budget, budget_for
 from crossrank.features.chunking import LongPassages, pair_bound, passage_scores
@@ -121,11 +121,11 @@ class Pipeline:
             trace.queue_at = time.monotonic()
             if budget is None:
                 deadline = arrived + timeout_ms / 1000
-                scored, queue_s, inference_s = await self._infer(permit, pairs, deadline)
+                scored, queued = await self._infer(permit, pairs, deadline)
                 done = np.ones(len(missing), dtype=bool)
             else:
-                scored, done, queue_s, inference_s = await self._infer_within(permit, pairs, budget)
-            trace.queue_ms, trace.inference_ms = 1000 * queue_s, 1000 * inference_s
+                scored, done, queued = await self._infer_within(permit, pairs, budget)
+            trace.queued(queued)
             logits[missing] = scored
             known[missing] = done
             if self._cache is not None and keys is not None:
@@ -231,9 +231,8 @@ class Pipeline:
 
     async def _infer(
         self, permit: Permit, pairs: list[EncodedPair], deadline: float
-    ) -> tuple[np.ndarray, float, float]:
-        """The pairs' logits from the queue, and the seconds they spent queued and in the
-        engine."""
+    ) -> tuple[np.ndarray, Queued]:
+        """The pairs' logits from the queue, and their passage through it."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise ServiceError(
@@ -245,13 +244,13 @@ class Pipeline:
             scored = await self._queue.wait(ticket)
         finally:
             self._metrics.inflight_requests.dec()
-        return scored, *ticket.timings(time.monotonic())
+        return scored, ticket.queued(time.monotonic())
 
     async def _infer_within(
         self, permit: Permit, pairs: list[EncodedPair], budget: Budget
-    ) -> tuple[np.ndarray, np.ndarray, float, float]:
+    ) -> tuple[np.ndarray, np.ndarray, Queued]:
         """What the queue scores of the pairs, in the order sent, by the budget's end: their
-        logits, which are in, and the seconds queued and in the engine. Only the pairs the
+        logits, which are in, and their passage through the queue. Only the pairs the
         budget can pay for are queued (none when the queue ahead would outlast it)."""
         now = time.monotonic()
         logits, done = np.zeros(len(pairs), dtype=np.float32), np.zeros(len(pairs), dtype=bool)
@@ -263,7 +262,7 @@ class Pipeline:
         )
         permit.resize(take)
         if not take:
-            return logits, done, 0.0, 0.0
+            return logits, done, Queued()
         ticket = self._queue.submit(permit, pairs[:take], budget.remaining(now), in_order=True)
         self._metrics.inflight_requests.inc()
         try:
@@ -272,7 +271,7 @@ class Pipeline:
             )
         finally:
             self._metrics.inflight_requests.dec()
-        return logits, done, *ticket.timings(time.monotonic())
+        return logits, done, ticket.queued(time.monotonic())
 
     def _ranked(
         self,

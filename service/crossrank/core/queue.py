@@ -66,6 +66,8 @@ class Entry:
     outstanding: int = field(init=False)  # pairs not yet scored: pending + in the engine
     first_dispatch_at: float | None = None
     scored_at: float | None = None
+    batches: int = 0  # batches its pairs went in
+    padded_tokens: int = 0  # its pairs' share of those batches' padded tokens
 
     def __post_init__(self) -> None:
         self.logits = np.empty(len(self.pairs), dtype=np.float32)
@@ -85,19 +87,31 @@ class Entry:
 
 
 @dataclass(frozen=True, slots=True)
+class Queued:
+    """What a request's pairs went through in the queue: seconds queued (to their first batch)
+    and in inference (from then to the last pair scored), the batches they went in and their
+    padded tokens there."""
+
+    queue_s: float = 0.0
+    inference_s: float = 0.0
+    batches: int = 0
+    padded_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Ticket:
     """A client's handle on its queued request."""
 
     _entry: Entry
 
-    def timings(self, now: float) -> tuple[float, float]:
-        """Seconds (queued, in inference): from its queueing to its first batch, and from then
-        to its last pair scored (or to ``now``, for a request cut short by its budget)."""
+    def queued(self, now: float) -> Queued:
+        """Its passage through the queue, up to ``now`` for a request cut short by its budget."""
         e = self._entry
         end = now if e.scored_at is None else e.scored_at
         if e.first_dispatch_at is None:
-            return end - e.admitted_at, 0.0
-        return e.first_dispatch_at - e.admitted_at, end - e.first_dispatch_at
+            return Queued(end - e.admitted_at)
+        first = e.first_dispatch_at
+        return Queued(first - e.admitted_at, end - first, e.batches, e.padded_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,23 +317,21 @@ class PairQueue:
         return _Batch(self._version, plan, rows, padded)
 
     def _dispatch(self, batch: _Batch, now: float) -> None:
-        m = self._metrics
-        permits = []
+        padded, permits = batch.padded, []
         for entry, positions in batch.rows:
             taken = set(positions)
             entry.pending = [p for p in entry.pending if p not in taken]
             self.backlog.remove(entry.key, [entry.lengths[p] for p in positions])
             if entry.first_dispatch_at is None:
                 entry.first_dispatch_at = now
-            m.queue_wait.observe(now - entry.admitted_at)
+            entry.batches += 1
+            entry.padded_tokens += len(positions) * padded.input_ids.shape[1]
+            self._metrics.queue_wait.observe(now - entry.admitted_at)
             permits.append(entry.permit.split(len(positions)))
         self._queued -= batch.plan.pairs
         done = [(e.permit.priority is Priority.BATCH, not e.pending) for e, _ in batch.rows]
         self._batch_turn = next_batch_turn(self._batch_turn, done)
-        padded = batch.padded
-        m.batch_pairs.observe(padded.pairs)
-        m.batch_padded_tokens.observe(padded.padded_tokens)
-        m.padding_efficiency.observe(padded.real_tokens / padded.padded_tokens)
+        observe_batch(self._metrics, padded)
         task = asyncio.get_running_loop().create_task(self._worker.run(padded))
         task.add_done_callback(lambda _: self._wake.set())
         self._running = _Running(batch, permits, task)
@@ -370,3 +382,9 @@ class PairQueue:
         """The queue changed: a prepared batch must be planned again."""
         self._version += 1
         self._metrics.queue_depth.set(self._queued)
+
+
+def observe_batch(metrics: ModelMetrics, padded: PaddedBatch) -> None:
+    metrics.batch_pairs.observe(padded.pairs)
+    metrics.batch_padded_tokens.observe(padded.padded_tokens)
+    metrics.padding_efficiency.observe(padded.real_tokens / padded.padded_tokens)

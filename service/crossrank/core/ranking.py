@@ -4,10 +4,14 @@ trace: what it cost, step by step."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from crossrank.model.model_dir import Activation, Calibration, sigmoid
+
+if TYPE_CHECKING:
+    from crossrank.core.queue import Queued
 
 
 @dataclass(slots=True)
@@ -24,6 +28,12 @@ class Trace:
     # When tokenisation and queueing began (monotonic seconds): the spans of a trace.
     tokenize_at: float | None = None
     queue_at: float | None = None
+    batches: int | None = None  # batches its pairs went in
+    padded_tokens: int | None = None  # its pairs' padded tokens in them
+
+    def queued(self, queued: Queued) -> None:
+        self.queue_ms, self.inference_ms = 1000 * queued.queue_s, 1000 * queued.inference_s
+        self.batches, self.padded_tokens = queued.batches, queued.padded_tokens
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,10 +68,6 @@ class BatchPlan:
     full: bool = False  # stopped for lack of room, not for lack of pairs
     oldest_admitted_at: float = float("inf")
 
-    @property
-    def padded_tokens(self) -> int:
-        return self.padded_length * self.pairs
-
 
 def rank_key(view: RequestView, now: float, aging_s: float) -> tuple[float, int]:
     """Smaller is served sooner: remaining pairs, discounted by age."""

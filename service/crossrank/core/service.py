@@ -92,11 +92,13 @@ class Service:
         }
         marked = [m for e, m in zip(entries, self.models, strict=True) if e.default]
         self.default = marked[0] if marked else self.models[0]
-        self._drain_deadline = float("inf")
+        # Set by the first SIGTERM: when admitted requests stop being waited for. Whether the
+        # service drains is the models' admissions' state, which refuses the new requests.
+        self._drain_deadline: float | None = None
 
     @property
     def draining(self) -> bool:
-        return self._drain_deadline != float("inf")
+        return any(model.admission.draining for model in self.models)
 
     def resolve(self, name: str | None) -> ServedModel:
         """The model a request names. With one model served, every name is it (clients that
@@ -131,17 +133,18 @@ class Service:
         for model in self.models:
             model.warm()
 
-    def begin_drain(self) -> None:
+    def begin_drain(self) -> float:
         """SIGTERM: refuse new requests from now on; admitted ones are still answered, within
-        ``drain_grace_s`` from now."""
-        if not self.draining:
+        ``drain_grace_s`` of the first call: that deadline (monotonic) is returned."""
+        if self._drain_deadline is None:
             self._drain_deadline = time.monotonic() + self.settings.drain_grace_s
         for model in self.models:
             model.admission.drain()
+        return self._drain_deadline
 
     async def stop(self) -> None:
-        self.begin_drain()
-        await asyncio.gather(*(m.stop(self._drain_deadline) for m in self.models))
+        deadline = self.begin_drain()
+        await asyncio.gather(*(m.stop(deadline) for m in self.models))
 
     def readiness(self) -> str | None:
         """Why the service is not ready (naming any model that is not), or None when it is."""

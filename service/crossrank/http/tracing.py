@@ -84,8 +84,10 @@ class Tracing:
             start_time=ns(started),
         )
         context = self._child_of(span)
-        for name, at, ms in _steps(record, started):
-            child = self._tracer.start_span(name, context=context, start_time=ns(at))
+        for name, at, ms, details in _steps(record, started):
+            child = self._tracer.start_span(
+                name, context=context, start_time=ns(at), attributes=details
+            )
             child.end(end_time=ns(at + ms / 1000))
         span.end(end_time=ns(ended))
 
@@ -94,17 +96,24 @@ class Tracing:
         self._provider.shutdown()
 
 
-def _steps(record: RequestRecord, started: float) -> list[tuple[str, float, float]]:
-    """(name, start, milliseconds) of each step the request went through."""
+def _steps(record: RequestRecord, started: float) -> list[tuple[str, float, float, dict[str, Any]]]:
+    """(name, start, milliseconds, attributes) of each step the request went through."""
     trace: Trace = record.trace
-    steps = []
+    steps: list[tuple[str, float, float, dict[str, Any]]] = []
     if record.admitted_at is not None:
-        steps.append(("admission", started, 1000 * (record.admitted_at - started)))
+        steps.append(("admission", started, 1000 * (record.admitted_at - started), {}))
     if trace.tokenize_at is not None and trace.tokenize_ms is not None:
-        steps.append(("tokenisation", trace.tokenize_at, trace.tokenize_ms))
+        steps.append(("tokenisation", trace.tokenize_at, trace.tokenize_ms, {}))
     if trace.queue_at is not None and trace.queue_ms is not None:
-        steps.append(("queue", trace.queue_at, trace.queue_ms))
+        steps.append(("queue", trace.queue_at, trace.queue_ms, {}))
         if trace.inference_ms:
             inference_at = trace.queue_at + trace.queue_ms / 1000
-            steps.append(("inference", inference_at, trace.inference_ms))
+            # Its pairs may share batches with other requests': how many batches they went
+            # in, and the padded tokens of its own rows there (what padding cost it).
+            details = {
+                "crossrank.model": record.model,
+                "crossrank.batches": trace.batches or 0,
+                "crossrank.padded_tokens": trace.padded_tokens or 0,
+            }
+            steps.append(("inference", inference_at, trace.inference_ms, details))
     return steps

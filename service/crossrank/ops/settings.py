@@ -3,6 +3,7 @@ and the models served, each with its own values of the engine and batching setti
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -293,22 +294,34 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        if self.api_keys_file is not None and not self.api_keys_file.is_file():
-            raise ValueError(f"api_keys_file {self.api_keys_file} is not a readable file")
-        if self.drain_grace_s <= self.drain_delay_s:
-            raise ValueError(
-                f"drain_grace_s ({self.drain_grace_s}) must exceed drain_delay_s "
-                f"({self.drain_delay_s}): admitted requests need time to finish after it"
-            )
-        if self.watchdog_liveness_s <= self.watchdog_floor_s:
-            raise ValueError(
-                f"watchdog_liveness_s ({self.watchdog_liveness_s}) must exceed watchdog_floor_s "
-                f"({self.watchdog_floor_s}): /health fails only after /ready has"
-            )
-        for bound in ("max_queued_pairs", "max_batch_queued_pairs"):
-            if self.max_passages > getattr(self, bound):
-                raise ValueError(
-                    f"max_passages ({self.max_passages}) must not exceed {bound} "
-                    f"({getattr(self, bound)}): such a request could never be admitted"
-                )
+        check_consistent(self)
         return self
+
+
+def check_consistent(settings: Settings) -> None:
+    """Settings that contradict one another, each refused with the reason (ValueError)."""
+    # Both names are read for the models (CROSSRANK_MODELS reads better with several); given
+    # both, pydantic-settings would keep one and drop the other's models without a word.
+    if os.environ.get("CROSSRANK_MODEL") and os.environ.get("CROSSRANK_MODELS"):
+        raise ValueError(
+            "CROSSRANK_MODEL and CROSSRANK_MODELS are both set: set one (a comma-separated "
+            "list of [NAME=]PATH)"
+        )
+    if settings.api_keys_file is not None and not settings.api_keys_file.is_file():
+        raise ValueError(f"api_keys_file {settings.api_keys_file} is not a readable file")
+    if settings.drain_grace_s <= settings.drain_delay_s:
+        raise ValueError(
+            f"drain_grace_s ({settings.drain_grace_s}) must exceed drain_delay_s "
+            f"({settings.drain_delay_s}): admitted requests need time to finish after it"
+        )
+    if settings.watchdog_liveness_s <= settings.watchdog_floor_s:
+        raise ValueError(
+            f"watchdog_liveness_s ({settings.watchdog_liveness_s}) must exceed watchdog_floor_s "
+            f"({settings.watchdog_floor_s}): /health fails only after /ready has"
+        )
+    for bound in ("max_queued_pairs", "max_batch_queued_pairs"):
+        if settings.max_passages > getattr(settings, bound):
+            raise ValueError(
+                f"max_passages ({settings.max_passages}) must not exceed {bound} "
+                f"({getattr(settings, bound)}): such a request could never be admitted"
+            )

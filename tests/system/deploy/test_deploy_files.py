@@ -25,7 +25,6 @@ ROOT = Path(__file__).resolve().parents[3]
 DOCKERFILES = [ROOT / "Dockerfile", ROOT / "Dockerfile.gpu"]
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
-COMPOSE_MODELS = ROOT / "docker-compose.models.yml"
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "crossrank.json"
 LOCK = ROOT / "deploy" / "requirements-serve.txt"
@@ -121,9 +120,11 @@ def test_lock_holds_every_serving_dependency() -> None:
     """The images install the lock, then crossrank with --no-deps: a dependency that pyproject
     gains and the lock lacks would be missing from the image (`make lock` rewrites it)."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    # The otel extra too: an image exports traces once otlp_endpoint is set.
+    project = pyproject["project"]
     wanted = {
         normalised(re.match(r"[A-Za-z0-9_.-]+", dep)[0])
-        for dep in pyproject["project"]["dependencies"]
+        for dep in project["dependencies"] + project["optional-dependencies"]["otel"]
     }
     locked = {
         normalised(line.split("==")[0]) for line in LOCK.read_text().splitlines() if "==" in line
@@ -143,9 +144,11 @@ def compose_config(*files: Path) -> dict:
 def test_compose_is_valid_and_wires_the_stack() -> None:
     config = compose_config(COMPOSE)
     services = config["services"]
-    assert set(services) == {"crossrank", "prometheus", "grafana", "balancer"}
-    # The balancer only with the fleet profile (docker-compose 1.x lists it either way).
+    assert set(services) == {"crossrank", "prometheus", "grafana", "balancer", "crossrank-models"}
+    # The balancer only with the fleet profile, the second models' server only with the models
+    # one (docker-compose 1.x lists them either way).
     assert services["balancer"]["profiles"] == ["fleet"]
+    assert services["crossrank-models"]["profiles"] == ["models"]
     crossrank = services["crossrank"]
     # The grace period covers the drain (the service's own bound on it, which covers the longest
     # default deadline) plus a margin to exit.
@@ -157,7 +160,12 @@ def test_compose_is_valid_and_wires_the_stack() -> None:
     (job,) = scrape["scrape_configs"]
     # Every replica by DNS, each its own instance (one, or N with --scale).
     assert job["dns_sd_configs"] == [
-        {"names": ["crossrank"], "type": "A", "port": 8080, "refresh_interval": "10s"}
+        {
+            "names": ["crossrank", "crossrank-models"],
+            "type": "A",
+            "port": 8080,
+            "refresh_interval": "10s",
+        }
     ]
     # docker-compose 1.x prints volumes as "source:target:mode".
     volumes = {v.split(":")[1]: v.split(":")[0] for v in services["grafana"]["volumes"]}
@@ -205,8 +213,10 @@ def test_compose_gpu_override_reserves_a_gpu_for_the_gpu_image() -> None:
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
 
 
-def test_compose_models_override_serves_two_models_under_their_names() -> None:
-    crossrank = compose_config(COMPOSE, COMPOSE_MODELS)["services"]["crossrank"]
+def test_compose_models_profile_serves_two_models_under_their_names() -> None:
+    result = run(tool("docker-compose"), "-f", COMPOSE, "--profile", "models", "config")
+    assert result.returncode == 0, result.stderr
+    crossrank = yaml.safe_load(result.stdout)["services"]["crossrank-models"]
     # docker-compose 1.x prints volumes as "source:target:mode".
     mounts = {v.split(":")[1]: Path(v.split(":")[0]) for v in crossrank["volumes"]}
     assert mounts["/models/second"] == ROOT / "models" / "crossrank-minilm-l6"
