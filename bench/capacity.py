@@ -66,7 +66,8 @@ class Replica:
         (percentile by percentile); past the last level, the last level's."""
         r = np.clip(rho, 0.0, self.loads[-1])
         low = np.clip(np.searchsorted(self.loads, r, side="right") - 1, 0, len(self.loads) - 2)
-        w = ((r - self.loads[low]) / (self.loads[low + 1] - self.loads[low]))[:, None]
+        span = np.maximum(self.loads[low + 1] - self.loads[low], 1e-9)  # two levels may meet
+        w = ((r - self.loads[low]) / span)[:, None]
         return self.quantiles[low] * (1 - w) + self.quantiles[low + 1] * w
 
     def refusal(self, rho: float) -> float:
@@ -151,6 +152,7 @@ class Day:
     rho: np.ndarray  # offered load per ready pod, as a share of its saturated rate
     answered: np.ndarray  # requests answered in the step
     latency: np.ndarray | None = None  # [step, percentile] of the step's answered requests
+    starts: int = 0  # pods started over the day: many more than the peak's means flapping
 
 
 def desired(hpa: Autoscaler, replica: Replica, ready: int, window: deque) -> int:
@@ -193,6 +195,7 @@ def simulate(offered: np.ndarray, replica: Replica, hpa: Autoscaler) -> Day:
         if want > total:
             add = min(want, max(2 * total, total + 4)) - total
             starting.extend([now + hpa.startup_s + replica.ready_s] * add)
+            day.starts += add
         elif now - last_down >= hpa.down_every_s and max(w for _, w in recommendations) < total:
             # A pod still starting is cancelled first, else a ready one drains.
             if starting:
@@ -223,6 +226,7 @@ def summary(day: Day, replica: Replica) -> dict[str, float]:
         "refused_share": float(day.refused.sum() / requests),
         "replica_hours": float(day.replicas.sum() * STEP_S / 3600),
         "peak_replicas": int(day.replicas.max()),
+        "pod_starts": day.starts,
         "idle_s": float(replica.quantiles[0, 0]),
     }
 
@@ -270,8 +274,10 @@ def plot(days: dict[str, Day], out: Path) -> None:
         top.set_title(name)
         top.set_ylabel("requests/s")
         pods = top.twinx()
-        pods.step(hours, day.replicas, where="post", color="tab:blue", label="pods")
         pods.step(hours, day.ready, where="post", color="tab:green", label="ready pods")
+        pods.step(
+            hours, day.replicas, where="post", color="tab:blue", lw=0.8, ls="--", label="pods"
+        )
         pods.set_ylabel("pods")
         pods.legend(loc="upper left", fontsize="small")
         ten = np.arange(len(windowed(day.answered, 10))) / 6 + 1 / 12
@@ -299,18 +305,21 @@ def grids(device: str) -> list[dict[str, float]]:
         return busy + [{"busy_ratio": 0.7, "queue_depth_pairs": q} for q in (320, 1000, 2000)]
     # A GPU replica is host-bound, its busy ratio far below any target: it scales on the
     # pairs holding admission room, which count the backlog wherever it waits.
-    return [{"busy_ratio": 0.7, "reserved_pairs": r} for r in (500, 1000, 1500, 2000, 3000)]
+    return [{"busy_ratio": 0.7, "reserved_pairs": r} for r in (500, 750, 1000, 1500, 2000)]
 
 
 def report(name: str, rows: list[dict], chosen: dict, fixed: dict) -> None:
     print(f"\n### {name}\n")
-    print("| targets (per pod) | replica-hours | peak pods | p50 s | p99 s | refused |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| targets (per pod) | replica-hours | peak pods | pods started | p50 s | p99 s | refused |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in [*rows, fixed]:
-        targets = ", ".join(f"{k} {v:g}" for k, v in r["targets"].items()) or "none"
+        targets = r.get("label") or ", ".join(f"{k} {v:g}" for k, v in r["targets"].items())
         mark = " (chosen)" if r["targets"] == chosen else ""
         print(
             f"| {targets}{mark} | {r['replica_hours']:.1f} | {r['peak_replicas']} | "
+            f"{r['pod_starts']} | "
             f"{r['p50_s']:.2f} | {r['p99_s']:.2f} | {100 * r['refused_share']:.3f}% |"
         )
 
@@ -322,7 +331,11 @@ def plan_device(
     rows, chosen, day = choose(offered, replica, grid, base, slo)
     peak = int(day.replicas.max())
     fixed_day = simulate(offered, replica, replace(base, min_replicas=peak, max_replicas=peak))
-    fixed = {"targets": {f"fixed {peak} pods": 0}, **summary(fixed_day, replica)}
+    fixed = {
+        "targets": {},
+        "label": f"no autoscaling: {peak} pods all day",
+        **summary(fixed_day, replica),
+    }
     report(name, rows, chosen, fixed)
     kept = {"capacity_rps": replica.capacity_rps, "chosen": chosen, "rows": rows, "fixed": fixed}
     return day, kept
@@ -335,8 +348,15 @@ def main() -> None:
     parser.add_argument("--curve", type=Path, required=True, help="bench.service_curve's JSON")
     parser.add_argument("--plot", type=Path, required=True, help="the plot (PNG)")
     parser.add_argument("--plan", type=Path, required=True, help="the chosen targets (JSON)")
-    parser.add_argument("--peak-rps", type=float, default=1.0, help="the day's peak, requests/s")
-    parser.add_argument("--gpu-peak-rps", type=float, default=20.0)
+    parser.add_argument(
+        "--peak-rps", type=float, default=0.5, help="the day's peak, requests/s, for both"
+    )
+    parser.add_argument(
+        "--gpu-peak-rps",
+        type=float,
+        default=10.0,
+        help="a busier day for GPU replicas alone, where the GPU plan's targets are chosen",
+    )
     parser.add_argument("--hourly", type=float, nargs=24, default=HOURLY, help="the day's shape")
     parser.add_argument("--burst", type=float, default=1.5, help="flash crowd, x the peak")
     parser.add_argument("--burst-at-h", type=float, default=14.0)
@@ -357,7 +377,7 @@ def main() -> None:
         metavar=("CPU_MIN", "CPU_MAX", "GPU_MIN", "GPU_MAX"),
     )
     parser.add_argument("--gpu-tflops", type=float, default=800.0, help="the roofline's peak")
-    parser.add_argument("--slo-p99-x", type=float, default=2.0, help="x a lone request")
+    parser.add_argument("--slo-p99-x", type=float, default=3.0, help="x a lone request")
     parser.add_argument("--slo-refused", type=float, default=0.001)
     args = parser.parse_args()
 
@@ -374,14 +394,17 @@ def main() -> None:
         f" ms + host {gpu_times['host_s'] * 1000:.0f} ms a request"
     )
     days, plan = {}, {"curve": str(args.curve), "slo": slo, "args": vars(args)}
-    for device, peak, replica, (low, high), startup in (
+    # The plan's keys: "cpu" and "gpu" are the days whose choices the overlays take.
+    for key, peak, replica, (low, high), startup in (
         ("cpu", args.peak_rps, cpu, args.replicas[:2], args.startup_s[0]),
+        ("gpu_same_day", args.peak_rps, gpu, args.replicas[2:], args.startup_s[1]),
         ("gpu", args.gpu_peak_rps, gpu, args.replicas[2:], args.startup_s[1]),
     ):
+        device = key[:3]
         offered = day(peak, args.hourly, args.burst, args.burst_at_h, args.burst_min)
         base = Autoscaler({}, low, high, startup)
         name = f"{device.upper()} replicas, peak {peak:g} requests/s"
-        days[name], plan[device] = plan_device(name, offered, replica, base, grids(device), slo)
+        days[name], plan[key] = plan_device(name, offered, replica, base, grids(device), slo)
     plot(days, args.plot)
     args.plan.write_text(json.dumps(plan, indent=1, default=str) + "\n")
 

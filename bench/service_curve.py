@@ -167,16 +167,19 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=2, help="closed loop, for saturation")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variant", default="auto")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda with the gpu extra")
     args = parser.parse_args()
 
     workload = Workload(args.passages, args.queries)
     started = time.perf_counter()
-    with crossrank(args.model, args.threads, ["--variant", args.variant]) as server:
+    flags = ["--variant", args.variant]
+    with crossrank(args.model, args.threads, flags, device=args.device) as server:
         ready_s = time.perf_counter() - started
         curve = asyncio.run(measure(server.target.url, workload, args))
     curve = {
         "model": args.model.name,
         "variant": args.variant,
+        "device": args.device,
         "threads": args.threads,
         "passages_per_request": args.passages_per_request,
         "ready_s": ready_s,
