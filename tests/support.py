@@ -392,4 +392,4 @@ def missing_tool(reason: str) -> NoReturn:
         pytest.fail(f"{reason}, though make deploy-tools was to install it")
     # Skip, not fail: a developer without root or apt (make deploy-tools cannot install the
     # tool) still runs the rest of the suite; CI, as root, takes the pytest.fail branch above.
-    pytest.skip(reason)
+    pytest.skip(reason)  # why: the tool cannot be had here (see above); never under CI
